@@ -1,0 +1,1 @@
+"""Shared runtime of every service: settings, logs, metrics, Kafka, object store, gRPC bootstrap."""
