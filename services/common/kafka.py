@@ -172,6 +172,7 @@ class ConsumerLoop:
         metrics: Metrics,
         max_poll_records: int = 64,
         after_batch: Callable[[], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.group_id = group_id
@@ -179,6 +180,7 @@ class ConsumerLoop:
         self.publisher = publisher
         self.max_poll_records = max_poll_records
         self.after_batch = after_batch
+        self.before_commit = before_commit
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -260,9 +262,11 @@ class ConsumerLoop:
             self._update_lag(consumer)
 
     def _commit(self, consumer: KafkaConsumer, done: Mapping[TopicPartition, int]) -> None:
-        # Outputs first: a record is committed only once what it produced is on the broker.
+        # Outputs first: a record is committed only once what it produced is durable (state, broker).
         while True:
             try:
+                if self.before_commit is not None:
+                    self.before_commit()
                 self.publisher.flush()
                 break
             except DependencyUnavailable as exc:

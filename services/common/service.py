@@ -90,6 +90,11 @@ class Service:
     def after_batch(self) -> None:
         """Runs on the consumer thread after each polled batch is committed (periodic work)."""
 
+    def before_commit(self) -> None:
+        """Runs on the consumer thread before offsets are committed: make the batch's own state durable here.
+
+        Raise DependencyUnavailable to have the commit retried."""
+
     def on_stop(self) -> None:
         """Runs after consumption stopped, before the process exits."""
 
@@ -139,6 +144,7 @@ class Service:
                 metrics=self.metrics,
                 max_poll_records=self.max_poll_records,
                 after_batch=self.after_batch,
+                before_commit=self.before_commit,
             )
             self.consumer.start()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()

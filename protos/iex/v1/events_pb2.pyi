@@ -361,6 +361,9 @@ class ImageScored(_message.Message):
     REWARD_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     SCORED_AT_FIELD_NUMBER: _builtins.int
+    RAW_SHA256_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
     exploration_id: _builtins.str
     iteration: _builtins.int
     query_id: _builtins.str
@@ -369,6 +372,10 @@ class ImageScored(_message.Message):
     object_key: _builtins.str
     reward: _builtins.float
     """Mean cosine similarity to the k nearest target images."""
+    raw_sha256: _builtins.str
+    """Identify the decision this score answers (a query may fetch the same picture from two URLs)."""
+    url: _builtins.str
+    decision: _common_pb2.DecisionKind.ValueType
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
@@ -385,10 +392,13 @@ class ImageScored(_message.Message):
         reward: _builtins.float = ...,
         model: _common_pb2.ModelRef | None = ...,
         scored_at: _timestamp_pb2.Timestamp | None = ...,
+        raw_sha256: _builtins.str = ...,
+        url: _builtins.str = ...,
+        decision: _common_pb2.DecisionKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "scored_at", b"scored_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "exploration_id", b"exploration_id", "iteration", b"iteration", "model", b"model", "object_key", b"object_key", "pixel_sha256", b"pixel_sha256", "query_id", b"query_id", "reward", b"reward", "scored_at", b"scored_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "decision", b"decision", "exploration_id", b"exploration_id", "iteration", b"iteration", "model", b"model", "object_key", b"object_key", "pixel_sha256", b"pixel_sha256", "query_id", b"query_id", "raw_sha256", b"raw_sha256", "reward", b"reward", "scored_at", b"scored_at", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""The planner: explorations API, concept sampling, and the loop's bookkeeping."""

@@ -1,0 +1,4 @@
+from services.common.service import main
+from services.planner.service import PlannerService
+
+raise SystemExit(main(PlannerService))

@@ -1,0 +1,175 @@
+"""Bookkeeping of explorations: what was asked, what arrived, when a query and an iteration are complete.
+
+Everything is keyed by identities carried in the events (query id, raw sha256 + URL), never counted
+blindly, so a redelivered event changes nothing. The record serialises to JSON for the object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from iex.v1 import common_pb2
+
+ACCEPTED = {
+    common_pb2.DECISION_KIND_UNIQUE,
+    common_pb2.DECISION_KIND_EXACT_DUPLICATE,
+    common_pb2.DECISION_KIND_NEAR_DUPLICATE,
+}
+TERMINAL = {
+    common_pb2.EXPLORATION_STATE_SUCCEEDED,
+    common_pb2.EXPLORATION_STATE_FAILED,
+    common_pb2.EXPLORATION_STATE_CANCELLED,
+}
+
+
+def decision_id(raw_sha256: str, url: str) -> str:
+    """One fetched image of a query: the same bytes from two URLs are two results."""
+    return f"{raw_sha256[:32]}:{hashlib.sha1(url.encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class QueryState:
+    query_id: str
+    concept: str
+    descriptor: str
+    text: str
+    crawled: bool = False
+    results_returned: int = 0
+    images_expected: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    # decision id -> DecisionKind value
+    decisions: dict[str, int] = field(default_factory=dict)
+    # decision id -> object key of the image it is credited with (accepted decisions only)
+    accepted_objects: dict[str, str] = field(default_factory=dict)
+    # decision id -> reward
+    rewards: dict[str, float] = field(default_factory=dict)
+    concept_reward: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.crawled
+            and len(self.decisions) >= self.images_expected
+            and all(d in self.rewards for d in self.accepted_objects)
+        )
+
+    def counts(self) -> dict[str, int]:
+        kinds = list(self.decisions.values())
+        return {
+            "queries_issued": 1,
+            "queries_crawled": int(self.crawled),
+            "search_results": self.results_returned,
+            "images_fetched": self.images_expected if self.crawled else len(self.decisions),
+            "images_refused": sum(self.refused.values()),
+            "images_unique": kinds.count(common_pb2.DECISION_KIND_UNIQUE),
+            "images_duplicate": kinds.count(common_pb2.DECISION_KIND_EXACT_DUPLICATE) + kinds.count(common_pb2.DECISION_KIND_NEAR_DUPLICATE),
+            "images_contaminating": kinds.count(common_pb2.DECISION_KIND_CONTAMINATES_TARGET),
+            "images_invalid": kinds.count(common_pb2.DECISION_KIND_INVALID),
+            "images_scored": len(self.rewards),
+        }
+
+
+@dataclass
+class IterationState:
+    iteration: int
+    phase: int = common_pb2.ITERATION_PHASE_COLLECTING
+    started_at: float = field(default_factory=time.time)
+    deadline: float = 0.0
+    finished_at: float = 0.0
+    queries: dict[str, QueryState] = field(default_factory=dict)
+    scored_with: tuple[str, int] | None = None
+    trained_model: tuple[str, int] | None = None
+    knn_top1: float | None = None
+    queries_incomplete: int = 0
+    manifest_key: str = ""
+    # Frozen once the iteration leaves COLLECTING, so late events cannot change the reported numbers.
+    final_counts: dict[str, int] | None = None
+
+    def counts(self) -> dict[str, int]:
+        if self.final_counts is not None:
+            return dict(self.final_counts)
+        return sum_counts(q.counts() for q in self.queries.values())
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.queries) and all(q.complete for q in self.queries.values())
+
+    def concept_rewards(self) -> list[float]:
+        return [q.concept_reward for q in self.queries.values() if q.concept_reward is not None]
+
+
+COUNT_FIELDS = (
+    "queries_issued",
+    "queries_crawled",
+    "search_results",
+    "images_fetched",
+    "images_refused",
+    "images_unique",
+    "images_duplicate",
+    "images_contaminating",
+    "images_invalid",
+    "images_scored",
+)
+
+
+def sum_counts(items) -> dict[str, int]:
+    total = dict.fromkeys(COUNT_FIELDS, 0)
+    for item in items:
+        for key in COUNT_FIELDS:
+            total[key] += item.get(key, 0)
+    return total
+
+
+@dataclass
+class ExplorationRecord:
+    exploration_id: str
+    # ExplorationSpec serialised (protobuf bytes as hex) so the record stays plain JSON.
+    spec_hex: str
+    state: int = common_pb2.EXPLORATION_STATE_PENDING
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    error: str = ""
+    serving_model: tuple[str, int] | None = None
+    current_iteration: int = 0
+    iterations: dict[int, IterationState] = field(default_factory=dict)
+    # concept -> list of observed concept rewards (the reward model's observations)
+    observations: dict[str, list[float]] = field(default_factory=dict)
+    # concept -> times queried
+    times_queried: dict[str, int] = field(default_factory=dict)
+    # Bumped on every change; watchers wait on it.
+    revision: int = 0
+
+    @property
+    def iterations_finished(self) -> int:
+        return sum(1 for it in self.iterations.values() if it.phase == common_pb2.ITERATION_PHASE_FINISHED)
+
+    def current(self) -> IterationState | None:
+        return self.iterations.get(self.current_iteration)
+
+    def touch(self) -> None:
+        self.updated_at = time.time()
+        self.revision += 1
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["iterations"] = {str(k): v for k, v in data["iterations"].items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ExplorationRecord":
+        iterations = {}
+        for key, raw in data.get("iterations", {}).items():
+            queries = {qid: QueryState(**q) for qid, q in raw.pop("queries", {}).items()}
+            for name in ("scored_with", "trained_model"):
+                if raw.get(name) is not None:
+                    raw[name] = tuple(raw[name])
+            iterations[int(key)] = IterationState(queries=queries, **raw)
+        data = dict(data)
+        data["iterations"] = iterations
+        if data.get("serving_model") is not None:
+            data["serving_model"] = tuple(data["serving_model"])
+        return cls(**data)
