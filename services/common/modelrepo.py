@@ -19,12 +19,15 @@ Repository layout (one model directory, several immutable versions)::
 
 Heavy imports (torch, onnx, onnxruntime, tritonclient) happen inside the functions that need
 them: the scorer imports this module for the client and must never pay for torch.
+
+For a repository in object storage, build the version with `write_model_version` in a local
+directory and upload it before asking Triton to load it: with explicit model control Triton
+reads a version only when told to, so the upload order does not matter.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
@@ -38,6 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from services.common.errors import DependencyUnavailable
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 ONNX_FILENAME = "model.onnx"
@@ -45,8 +50,8 @@ PYTHON_MODEL_FILENAME = "model.py"
 CONFIG_FILENAME = "config.pbtxt"
 PRODUCTION_CONFIG_FILENAME = "config.production.pbtxt"
 DEFAULT_OPSET = 17
-# Triton serves the newest two (new + one to roll back to); the disk keeps one more, so the
-# version Triton unloads last is still on disk while the newest one is being loaded.
+# Triton serves the newest two (new + one to roll back to). The disk keeps one more: writing
+# version N must not delete N-2 while Triton still serves it, before N is loaded.
 SERVED_VERSIONS = 2
 KEPT_VERSIONS = 3
 # Environment override for the python backend's onnxruntime threads (wins over the config).
@@ -74,12 +79,13 @@ class InferenceError(ModelRepoError):
     """An inference request failed: bad input, model not ready, server error or timeout."""
 
 
-class ModelNotReadyError(InferenceError):
-    """The server answered, but the model (or that version of it) is not loaded and ready."""
+class ModelNotReadyError(InferenceError, DependencyUnavailable):
+    """The server answered, but the model (or that version of it) is not loaded and ready:
+    retry the work later (after a load), never dead-letter it."""
 
 
-class ServerUnavailableError(InferenceError):
-    """Triton could not be reached at all."""
+class ServerUnavailableError(InferenceError, DependencyUnavailable):
+    """Triton could not be reached at all: retry the work later."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,10 +244,15 @@ def read_onnx_signature(onnx_path_or_bytes: str | os.PathLike[str] | bytes) -> O
     """Reads image size and embedding dimension from an exported encoder, checking the contract."""
     import onnx
 
-    if isinstance(onnx_path_or_bytes, bytes):
-        graph_model = onnx.load_from_string(onnx_path_or_bytes)
-    else:
-        graph_model = onnx.load(str(onnx_path_or_bytes), load_external_data=False)
+    try:
+        if isinstance(onnx_path_or_bytes, bytes):
+            graph_model = onnx.load_from_string(onnx_path_or_bytes)
+        else:
+            graph_model = onnx.load(str(onnx_path_or_bytes), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not ONNX
+        raise ModelRepoError(f"not a readable ONNX model: {exc}") from exc
     graph = graph_model.graph
     inputs = {i.name: i for i in graph.input}
     outputs = {o.name: o for o in graph.output}
@@ -648,12 +659,6 @@ def discard_version(repository: str | os.PathLike[str], model_name: str, version
 # Client
 
 
-def _default_url() -> str:
-    from services.common.endpoints import DEFAULT_TRITON_GRPC
-
-    return os.environ.get("IEX_TRITON_GRPC_URL", DEFAULT_TRITON_GRPC)
-
-
 class TritonEncoder:
     """Calls the encoder served by Triton over gRPC.
 
@@ -679,7 +684,11 @@ class TritonEncoder:
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        self.url = url or _default_url()
+        if url is None:
+            from services.common.endpoints import DEFAULT_TRITON_GRPC
+
+            url = DEFAULT_TRITON_GRPC
+        self.url = url
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.max_in_flight = max(1, max_in_flight)
@@ -721,7 +730,7 @@ class TritonEncoder:
         try:
             index = self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
         except self._grpc_exception() as exc:
-            raise _server_error(exc, f"repository index from {self.url}") from exc
+            raise _server_error(exc, f"reading the repository index of {self.url}") from exc
         versions = []
         for entry in index.get("models", []):
             if entry.get("name") == model_name and entry.get("state") == "READY" and entry.get("version", "").isdigit():
@@ -732,11 +741,15 @@ class TritonEncoder:
         """(Re)loads `model_name` from the repository; returns the versions ready afterwards.
 
         Raises ModelLoadError when Triton rejects the load (the versions loaded before keep
-        serving) or when `version` is given and is not ready afterwards.
+        serving) or when `version` is given and is not ready afterwards, and
+        ServerUnavailableError when Triton cannot be reached.
         """
         try:
             self._client.load_model(model_name, client_timeout=self.load_timeout_s)
         except self._grpc_exception() as exc:
+            error = _server_error(exc, f"loading {model_name!r}")
+            if isinstance(error, ServerUnavailableError):
+                raise error from exc
             message = exc.message() if hasattr(exc, "message") else str(exc)
             raise ModelLoadError(f"Triton failed to load {model_name!r}: {message}") from exc
         finally:
@@ -794,7 +807,7 @@ class TritonEncoder:
                 client_timeout=self.timeout_s,
             )
         except self._grpc_exception() as exc:
-            raise _server_error(exc, f"{model_name!r} version {version or 'latest'}") from exc
+            raise _server_error(exc, f"inference on {model_name!r} version {version or 'latest'}") from exc
         return _as_embeddings(result.as_numpy(OUTPUT_NAME), array.shape[0])
 
     def _infer_many(self, model_name: str, version: int | None, chunks: list[np.ndarray]) -> list[np.ndarray]:
@@ -808,7 +821,7 @@ class TritonEncoder:
         def finish(index: int, result: Any, error: Any) -> None:
             try:
                 if error is not None:
-                    errors.append(_server_error(error, f"{model_name!r} version {version or 'latest'}"))
+                    errors.append(_server_error(error, f"inference on {model_name!r} version {version or 'latest'}"))
                 else:
                     results[index] = _as_embeddings(result.as_numpy(OUTPUT_NAME), chunks[index].shape[0])
             except BaseException as exc:  # noqa: BLE001 - surfaced to the caller below
@@ -859,7 +872,7 @@ class TritonEncoder:
                 model_name, _version_str(version), as_json=True, client_timeout=self.timeout_s
             )
         except self._grpc_exception() as exc:
-            raise _server_error(exc, f"config of {model_name!r}") from exc
+            raise _server_error(exc, f"reading the config of {model_name!r}") from exc
         body = config.get("config", {})
         size = int(body.get("max_batch_size", 0)) or 1
         outputs = {o.get("name"): o for o in body.get("output", [])}
@@ -889,7 +902,7 @@ def _as_embeddings(array: np.ndarray | None, rows: int) -> np.ndarray:
 def _server_error(exc: Any, what: str) -> InferenceError:
     status = exc.status() if hasattr(exc, "status") else None
     message = exc.message() if hasattr(exc, "message") else str(exc)
-    text = f"inference on {what} failed: {message}" + (f" [{status}]" if status else "")
+    text = f"{what} failed: {message}" + (f" [{status}]" if status else "")
     # Triton answers UNAVAILABLE both for "no server" and for "model not ready": only the
     # message tells them apart, and the scorer reacts differently (back off vs. load).
     lowered = str(message).lower()

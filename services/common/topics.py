@@ -22,7 +22,7 @@ class Topic:
 
 
 EXPLORATIONS = Topic("iex.planner.explorations.v1", events_pb2.ExplorationCreated, "exploration_id")
-QUERIES = Topic("iex.planner.queries.v1", events_pb2.QueryIssued, "exploration_id")
+QUERIES = Topic("iex.planner.queries.v1", events_pb2.QueryIssued, "query_id")
 ITERATIONS = Topic("iex.planner.iterations.v1", events_pb2.IterationFinished, "exploration_id")
 IMAGES_FETCHED = Topic("iex.crawler.images-fetched.v1", events_pb2.ImageFetched, "raw_sha256")
 QUERIES_CRAWLED = Topic("iex.crawler.queries-crawled.v1", events_pb2.QueryCrawled, "exploration_id")

@@ -261,7 +261,9 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                     search_backend=spec.search_backend,
                     issued_at=now_timestamp(),
                 ),
-                key=record.exploration_id,
+                # By query, not exploration: queries need no order, and one exploration's queries
+                # then spread over every crawler replica.
+                key=query_id,
             )
         self.m_queries.inc(len(concepts))
         record.iterations[iteration] = it

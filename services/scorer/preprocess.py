@@ -32,6 +32,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with any transparency composited on white (web images and Tux Paint stamps are
     cut-outs; black behind them would make every cut-out look alike to the encoder)."""
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale (some PNGs): Pillow's convert() would clip at 255 and turn it white.
+        wide = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(wide / 257.0, 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))

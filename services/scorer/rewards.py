@@ -7,12 +7,14 @@ Pure numpy on purpose: the scorer never imports torch (the encoder runs in Trito
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 
+# The concept reward is shared with the planner, which aggregates ImageScored events into it;
+# re-exported here so that both rewards of the paper can be found in one place.
+from services.common.rewards import PAPER_CONCEPT_TOP as DEFAULT_CONCEPT_TOP
+from services.common.rewards import concept_reward
+
 DEFAULT_K = 15
-DEFAULT_CONCEPT_TOP = 10
 # Largest similarity block computed at once (float32 elements, 64 MiB): bounds memory whatever
 # the number of images or the size of the target bank.
 _MAX_BLOCK_ELEMENTS = 16 * 1024 * 1024
@@ -70,23 +72,6 @@ def knn_rewards(
         # Accumulate in float64: k similarities of similar size, but cheap insurance.
         out[start : start + rows] = nearest.mean(axis=1, dtype=np.float64)
     return out
-
-
-def concept_reward(image_rewards: Iterable[float] | np.ndarray, top: int = DEFAULT_CONCEPT_TOP) -> float:
-    """Mean of the `top` largest image rewards (all of them when fewer).
-
-    A concept whose query produced no scored image gets 0.0, a cosine similarity of "unrelated",
-    rather than NaN, which would poison the planner's regression.
-    """
-    if top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
-    values = image_rewards if isinstance(image_rewards, np.ndarray) else list(image_rewards)
-    rewards = np.asarray(values, dtype=np.float64).ravel()
-    if rewards.size == 0:
-        return 0.0
-    if rewards.size > top:
-        rewards = np.partition(rewards, rewards.size - top)[rewards.size - top :]
-    return float(rewards.mean())
 
 
 __all__ = ["DEFAULT_CONCEPT_TOP", "DEFAULT_K", "concept_reward", "knn_rewards", "l2_normalise"]

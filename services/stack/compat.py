@@ -31,8 +31,7 @@ KAFKA_ARTIFACT = f"org.apache.kafka:kafka_2.13:{KAFKA_VERSION}"
 # The log4j version Kafka 4.1.1 itself depends on; the SLF4J binding must match it or log4j-core
 # and the binding disagree at run time. Bump the two together.
 LOG4J_VERSION = "2.24.3"
-# Pinned so the goal works on any Maven 3 (the super POM's default plugin version is too old for
-# -DincludeScope handling we rely on).
+# Pinned: left to Maven, the plugin version is whatever is newest that day, so fetches would drift.
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
 
 MINIO_MODULE = "github.com/minio/minio"
@@ -385,7 +384,8 @@ def kafka_kraft() -> ManagedProcess:
     log4j = data / "log4j2.properties"
     log4j.write_text(_LOG4J2)
     classpath = f"{libs}{os.sep}*"
-    jvm = [java, "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
+    # Log4j's own shutdown hook would close the console before Kafka has logged its shutdown.
+    jvm = [java, "-Djava.awt.headless=true", "-Dlog4j2.shutdownHookEnabled=false", f"-Dlog4j2.configurationFile={log4j}"]
     if not (log_dir / "meta.properties").is_file():
         # KRaft refuses to start on an unformatted log dir; the cluster id is fixed at format time.
         _run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,9 @@ def test_read_onnx_signature_rejects_other_graphs(tmp_path: Path) -> None:
             return x.mean(dim=(2, 3))
 
     path = tmp_path / "plain.onnx"
-    torch.onnx.export(Plain(), (torch.zeros(2, 3, 8, 8),), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Plain(), (torch.zeros(2, 3, 8, 8),), str(path), input_names=["x"], output_names=["y"], dynamo=False)
     with pytest.raises(mr.ModelRepoError):
         mr.read_onnx_signature(path)
 
@@ -269,7 +272,7 @@ def _fake_pb_utils() -> types.ModuleType:
     module.InferenceResponse = _FakeResponse
     module.TritonError = _FakeTritonError
     module.TritonModelException = RuntimeError
-    module.get_input_tensor_by_name = lambda request, name: request.get(name)
+    module.get_input_tensor_by_name = lambda request, name: _FakeTensor(name, request[name]) if name in request else None
     return module
 
 
@@ -354,5 +357,13 @@ def test_client_checks_input_and_reports_a_missing_server() -> None:
             client.embed("encoder", 1, _images(2)[..., :2])
         with pytest.raises(mr.ServerUnavailableError):
             client.embed("encoder", 1, _images(2))
-        with pytest.raises(mr.ModelLoadError):
-            client.load("encoder")
+        with pytest.raises(mr.ServerUnavailableError):
+            client.load("encoder")  # unreachable is retryable, unlike a refused load
+
+
+def test_unavailability_is_a_retryable_dependency_error() -> None:
+    from services.common.errors import DependencyUnavailable
+
+    assert issubclass(mr.ServerUnavailableError, DependencyUnavailable)
+    assert issubclass(mr.ModelNotReadyError, DependencyUnavailable)
+    assert not issubclass(mr.InferenceError, DependencyUnavailable)

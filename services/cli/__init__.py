@@ -1,0 +1,1 @@
+"""`iex`: a thin command-line client of the services' gRPC APIs."""

@@ -1,0 +1,206 @@
+"""`iex` command line: stack control, explorations, and the demo that runs the whole loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from iex.v1 import common_pb2, planner_pb2
+from services.cli.client import Unreachable, planner
+
+
+def _print(message, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
+    else:
+        print(describe(message))
+
+
+def state_name(value: int) -> str:
+    return common_pb2.ExplorationState.Name(value).removeprefix("EXPLORATION_STATE_").lower()
+
+
+def describe(message) -> str:
+    if isinstance(message, planner_pb2.Exploration):
+        e = message
+        c = e.counts
+        lines = [
+            f"exploration {e.exploration_id} [{state_name(e.state)}] iteration {e.current_iteration}/{e.spec.iterations}, "
+            f"{e.iterations_finished} finished, model {e.serving_model.name or '-'} v{e.serving_model.version}",
+            f"  queries {c.queries_issued} issued / {c.queries_crawled} crawled; images {c.images_fetched} fetched, "
+            f"{c.images_unique} stored, {c.images_duplicate} duplicates, {c.images_contaminating} contaminating, "
+            f"{c.images_invalid} invalid, {c.images_refused} refused, {c.images_scored} scored",
+        ]
+        for it in e.iterations:
+            phase = common_pb2.IterationPhase.Name(it.phase).removeprefix("ITERATION_PHASE_").lower()
+            lines.append(
+                f"  iteration {it.iteration} [{phase}]: {it.counts.images_scored} scored, mean concept reward "
+                f"{it.mean_concept_reward:.3f} (max {it.max_concept_reward:.3f}), scored with v{it.scored_with.version}, "
+                f"trained v{it.trained_model.version}" + (f", k-NN {it.knn_top1:.3f}" if it.knn_top1 else "")
+            )
+        if e.error:
+            lines.append(f"  error: {e.error}")
+        return "\n".join(lines)
+    return str(message)
+
+
+def cmd_create(args) -> int:
+    spec = planner_pb2.ExplorationSpec(
+        display_name=args.name or "",
+        target_uri=args.target,
+        mode=common_pb2.ExplorationMode.Value(f"EXPLORATION_MODE_{args.mode.upper().replace('-', '_')}"),
+        concepts=[c.strip() for c in (args.concepts or "").split(",") if c.strip()],
+        labels=[c.strip() for c in (args.labels or "").split(",") if c.strip()],
+        iterations=args.iterations,
+        queries_per_iteration=args.queries,
+        images_per_query=args.images_per_query,
+        seed=args.seed,
+    )
+    response = planner(args.planner).CreateExploration(planner_pb2.CreateExplorationRequest(spec=spec, exploration_id=args.id or ""))
+    _print(response.exploration, args.json)
+    return 0
+
+
+def cmd_status(args) -> int:
+    response = planner(args.planner).GetExploration(planner_pb2.GetExplorationRequest(exploration_id=args.exploration_id))
+    _print(response.exploration, args.json)
+    return 0
+
+
+def cmd_list(args) -> int:
+    response = planner(args.planner).ListExplorations(planner_pb2.ListExplorationsRequest(page_size=args.limit))
+    if args.json:
+        _print(response, True)
+    else:
+        for e in response.explorations:
+            print(f"{e.exploration_id}  {state_name(e.state):10s} iteration {e.current_iteration}/{e.spec.iterations}  {e.spec.target_uri}")
+    return 0
+
+
+def watch(stub, exploration_id: str, as_json: bool, timeout_s: float | None = None) -> planner_pb2.Exploration:
+    last = None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    stream = stub.WatchExploration(planner_pb2.WatchExplorationRequest(exploration_id=exploration_id), timeout=timeout_s)
+    try:
+        for update in stream:
+            last = update.exploration
+            if as_json:
+                print(json.dumps(MessageToDict(last, preserving_proto_field_name=True), sort_keys=True), flush=True)
+            else:
+                c = last.counts
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {state_name(last.state):9s} iteration {last.current_iteration}/{last.spec.iterations} "
+                    f"queries {c.queries_crawled}/{c.queries_issued} fetched {c.images_fetched} stored {c.images_unique} "
+                    f"dup {c.images_duplicate} scored {c.images_scored} model v{last.serving_model.version}",
+                    flush=True,
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    return last
+
+
+def cmd_watch(args) -> int:
+    last = watch(planner(args.planner), args.exploration_id, args.json, args.timeout)
+    return 0 if last is not None and last.state == common_pb2.EXPLORATION_STATE_SUCCEEDED else 1
+
+
+def cmd_top(args) -> int:
+    response = planner(args.planner).TopConcepts(planner_pb2.TopConceptsRequest(exploration_id=args.exploration_id, limit=args.limit))
+    if args.json:
+        _print(response, True)
+    else:
+        for c in response.concepts:
+            print(f"{c.concept:40s} p={c.sampling_probability:.4f} observed={c.observed_reward:.3f} predicted={c.predicted_reward:.3f}±{c.uncertainty:.3f} queried {c.times_queried}x")
+    return 0
+
+
+def cmd_lifecycle(args) -> int:
+    stub = planner(args.planner)
+    request = {"pause": planner_pb2.PauseExplorationRequest, "resume": planner_pb2.ResumeExplorationRequest, "cancel": planner_pb2.CancelExplorationRequest}[args.command](
+        exploration_id=args.exploration_id
+    )
+    method = {"pause": stub.PauseExploration, "resume": stub.ResumeExploration, "cancel": stub.CancelExploration}[args.command]
+    _print(method(request).exploration, args.json)
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from services.stack.__main__ import main as stack_main
+
+    return stack_main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    from services.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iex", description="Internet Explorer: targeted representation learning on the open web")
+    parser.add_argument("--planner", default=None, help="planner address host:port (default $IEX_PLANNER_ADDR or 127.0.0.1:50051)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="group", required=True)
+
+    stack = sub.add_parser("stack", help="start / stop / inspect the local stack")
+    stack.add_argument("rest", nargs=argparse.REMAINDER, help="up | down | status [options]")
+    stack.set_defaults(func=cmd_stack)
+
+    demo = sub.add_parser("demo", help="run one exploration on the embedded default and print its status")
+    demo.add_argument("--iterations", type=int, default=1)
+    demo.add_argument("--queries", type=int, default=8)
+    demo.add_argument("--images-per-query", type=int, default=8)
+    demo.add_argument("--mode", default="random", choices=["ie", "random", "labels", "labels-only"])
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the exploration")
+    demo.set_defaults(func=cmd_demo)
+
+    explore = sub.add_parser("explore", help="explorations")
+    esub = explore.add_subparsers(dest="command", required=True)
+    create = esub.add_parser("create")
+    create.add_argument("--target", required=True, help="s3://bucket/prefix with train/ images")
+    create.add_argument("--mode", default="ie", choices=["ie", "random", "labels", "labels-only"])
+    create.add_argument("--concepts", help="comma-separated vocabulary (default: the planner's)")
+    create.add_argument("--labels", help="comma-separated class names for the label-guided modes")
+    create.add_argument("--iterations", type=int, default=0)
+    create.add_argument("--queries", type=int, default=0)
+    create.add_argument("--images-per-query", type=int, default=0)
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--name")
+    create.add_argument("--id")
+    create.set_defaults(func=cmd_create)
+    for name, func in (("status", cmd_status), ("watch", cmd_watch), ("top-concepts", cmd_top)):
+        p = esub.add_parser(name)
+        p.add_argument("exploration_id")
+        if name == "watch":
+            p.add_argument("--timeout", type=float, default=None)
+        if name == "top-concepts":
+            p.add_argument("--limit", type=int, default=20)
+        p.set_defaults(func=func)
+    for name in ("pause", "resume", "cancel"):
+        p = esub.add_parser(name)
+        p.add_argument("exploration_id")
+        p.set_defaults(func=cmd_lifecycle)
+    lst = esub.add_parser("list")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Unreachable as exc:
+        print(f"iex: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"iex: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1

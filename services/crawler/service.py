@@ -1,0 +1,393 @@
+"""The crawler service: QueryIssued -> search -> concurrent safe downloads -> S3 staging -> ImageFetched + QueryCrawled."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import urlsplit
+
+import grpc
+
+from iex.v1 import crawler_pb2, crawler_pb2_grpc, events_pb2
+from services.common import topics
+from services.common.errors import DependencyUnavailable, PermanentError
+from services.common.kafka import EventContext, Handler, now_timestamp
+from services.common.objectstore import content_key
+from services.common.service import Check, Service
+from services.common.settings import ServiceSettings, SettingsError, setting
+from services.crawler import status
+from services.crawler.addresses import parse_networks
+from services.crawler.backends import (
+    BackendRegistry,
+    ClipRetrievalBackend,
+    SearchCache,
+    SearchError,
+    SearchFailed,
+    SearchHit,
+    SearchRejected,
+    SearchUnavailable,
+    UnknownBackend,
+)
+from services.crawler.fetch import DEFAULT_USER_AGENT, MAX_URL_LENGTH, BackgroundDownloader, FetchPolicy, FetchResult, url_problem
+from services.crawler.images import ImagePolicy
+
+log = logging.getLogger(__name__)
+
+LOCAL_BACKEND = "local"
+CLIP_RETRIEVAL_BACKEND = "clip-retrieval"
+STAGING_PREFIX = "staging"
+
+SIZE_BUCKETS = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6)
+QUERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass(frozen=True)
+class CrawlerSettings(ServiceSettings):
+    crawler_concurrency: int = setting(64, help="downloads in flight at once (all hosts together)", minimum=1, maximum=4096)
+    crawler_per_host: int = setting(16, help="downloads in flight at once to one host", minimum=1, maximum=1024)
+    crawler_connect_timeout_s: float = setting(5.0, help="seconds to establish one TCP/TLS connection", minimum=0.1)
+    crawler_total_timeout_s: float = setting(15.0, help="seconds for the network part of one URL (all redirect hops and the body)", minimum=0.1)
+    crawler_query_deadline_s: float = setting(
+        120.0,
+        help="seconds for all downloads of one query; URLs unfinished by then count as timeout (keeps a poll batch under the consumer's max poll interval)",
+        minimum=1.0,
+        maximum=140.0,
+    )
+    crawler_max_bytes: int = setting(8 * 1024 * 1024, help="largest response body read; longer bodies are abandoned (too_large)", minimum=1024)
+    crawler_max_pixels: int = setting(40_000_000, help="largest width*height announced by an image header (decompression-bomb guard)", minimum=1)
+    crawler_min_side: int = setting(32, help="smallest accepted width or height in pixels (too_small)", minimum=1)
+    crawler_max_aspect: float = setting(4.0, help="largest accepted long side / short side (bad_aspect)", minimum=1.0)
+    crawler_max_side: int = setting(256, help="longest side of the staged image; larger images are downscaled and re-encoded (PNG stays PNG, JPEG stays JPEG)", minimum=16, maximum=4096)
+    crawler_max_redirects: int = setting(5, help="redirect hops followed, each re-checked (redirect_loop beyond)", minimum=0, maximum=20)
+    crawler_allow_networks: tuple[str, ...] = setting(
+        (),
+        help="CIDRs the crawler may fetch from although they are not public (loopback, private, link-local); empty refuses them all. The local stack sets 127.0.0.0/8",
+    )
+    crawler_user_agent: str = setting(DEFAULT_USER_AGENT, help="User-Agent sent with every download")
+    crawler_decode_workers: int = setting(2, help="threads decoding and resizing images (decode is the CPU cost of crawling)", minimum=1, maximum=64)
+    crawler_s3_workers: int = setting(8, help="threads writing staged images to S3 in parallel", minimum=1, maximum=64)
+    crawler_local_search_url: str = setting("http://127.0.0.1:18086", help="base URL of the offline-web search service (backend 'local'; POST <url>/knn-service)")
+    crawler_local_search_indice: str = setting("", help="indice_name sent to the local search service; empty means its default index")
+    crawler_clip_retrieval_url: str = setting("", help="base URL of a clip-retrieval back end (backend 'clip-retrieval'); empty disables it")
+    crawler_clip_retrieval_indice: str = setting("laion5B-L-14", help="indice_name sent to the clip-retrieval back end")
+    crawler_default_backend: str = setting(LOCAL_BACKEND, help="backend used when a query names none", choices=(LOCAL_BACKEND, CLIP_RETRIEVAL_BACKEND))
+    crawler_search_timeout_s: float = setting(10.0, help="seconds for one search request", minimum=0.1)
+    crawler_search_attempts: int = setting(3, help="attempts of one search on transient failures before the query is retried later", minimum=1, maximum=20)
+    crawler_default_results: int = setting(100, help="results requested when a query asks for none (the paper uses 100)", minimum=1, maximum=10_000)
+    crawler_max_results: int = setting(1000, help="most results requested for one query", minimum=1, maximum=10_000)
+    crawler_search_cache_entries: int = setting(4096, help="search answers kept for repeated (backend, text, n) queries; 0 disables the cache", minimum=0)
+    crawler_search_cache_ttl_s: float = setting(6 * 3600.0, help="seconds a cached search answer stays valid; 0 keeps it until evicted", minimum=0)
+    crawler_replay_memory: int = setting(1024, help="recent crawl outcomes kept to republish identical events when a query is redelivered", minimum=0)
+
+    def __post_init__(self) -> None:
+        try:
+            parse_networks(self.crawler_allow_networks)
+        except ValueError as exc:
+            raise SettingsError(f"IEX_CRAWLER_ALLOW_NETWORKS: {exc}") from None
+        for name in ("crawler_local_search_url", "crawler_clip_retrieval_url"):
+            url = getattr(self, name)
+            if url and urlsplit(url).scheme not in ("http", "https"):
+                raise SettingsError(f"IEX_{name.upper()}: must be an http(s) URL, got {url!r}")
+        if self.crawler_default_backend == CLIP_RETRIEVAL_BACKEND and not self.crawler_clip_retrieval_url:
+            raise SettingsError("IEX_CRAWLER_DEFAULT_BACKEND: clip-retrieval needs IEX_CRAWLER_CLIP_RETRIEVAL_URL")
+
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            concurrency=self.crawler_concurrency,
+            per_host=self.crawler_per_host,
+            connect_timeout_s=self.crawler_connect_timeout_s,
+            total_timeout_s=self.crawler_total_timeout_s,
+            max_bytes=self.crawler_max_bytes,
+            max_redirects=self.crawler_max_redirects,
+            allow_networks=self.crawler_allow_networks,
+            user_agent=self.crawler_user_agent,
+            decode_workers=self.crawler_decode_workers,
+            image=ImagePolicy(
+                max_pixels=self.crawler_max_pixels,
+                min_side=self.crawler_min_side,
+                max_aspect=self.crawler_max_aspect,
+                max_side=self.crawler_max_side,
+            ),
+        )
+
+
+def build_registry(s: CrawlerSettings) -> BackendRegistry:
+    backends = {
+        LOCAL_BACKEND: ClipRetrievalBackend(
+            LOCAL_BACKEND, s.crawler_local_search_url, s.crawler_local_search_indice, s.crawler_search_timeout_s, s.crawler_search_attempts
+        )
+    }
+    if s.crawler_clip_retrieval_url:
+        backends[CLIP_RETRIEVAL_BACKEND] = ClipRetrievalBackend(
+            CLIP_RETRIEVAL_BACKEND, s.crawler_clip_retrieval_url, s.crawler_clip_retrieval_indice, s.crawler_search_timeout_s, s.crawler_search_attempts
+        )
+    return BackendRegistry(backends, s.crawler_default_backend, SearchCache(s.crawler_search_cache_entries, s.crawler_search_cache_ttl_s))
+
+
+@dataclass(frozen=True)
+class CrawlOutcome:
+    """What one query produced, enough to publish its events again without searching or downloading."""
+
+    fetched: tuple[events_pb2.ImageFetched, ...]
+    crawled: events_pb2.QueryCrawled
+
+
+class ReplayMemory:
+    """Recent crawl outcomes by query: a redelivered query republishes exactly the same events.
+
+    Only in memory: after a restart a redelivered query is crawled again, which republishes the same
+    events unless the web changed in between (downstream dedups by (exploration, query, raw sha, url)).
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], CrawlOutcome] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> CrawlOutcome | None:
+        with self._lock:
+            outcome = self._entries.get(key)
+            if outcome is not None:
+                self._entries.move_to_end(key)
+            return outcome
+
+    def put(self, key: tuple[str, str], outcome: CrawlOutcome) -> None:
+        if self.max_entries <= 0:
+            return
+        with self._lock:
+            self._entries[key] = outcome
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+class CrawlerService(Service):
+    name = "crawler"
+    settings_class = CrawlerSettings
+    # A query may take crawler_query_deadline_s (140 s at most) plus search retries and S3 writes;
+    # two per poll keep a batch well inside the poll interval, so the group never evicts a busy crawler.
+    max_poll_records = 2
+    max_poll_interval_ms = 600_000
+
+    def __init__(self, settings: CrawlerSettings) -> None:
+        super().__init__(settings)
+        self.settings: CrawlerSettings = settings
+        self.registry = build_registry(settings)
+        self.downloader = BackgroundDownloader(settings.fetch_policy())
+        self.replay = ReplayMemory(settings.crawler_replay_memory)
+        self._s3_pool = ThreadPoolExecutor(max_workers=settings.crawler_s3_workers, thread_name_prefix="crawler-s3")
+        self._totals_lock = threading.Lock()
+        self._queries_crawled = 0
+        self._images_fetched = 0
+        self._refused: Counter[str] = Counter()
+
+        m = self.metrics
+        self.urls_total = m.counter("urls_total", "URLs fetched, by outcome (ok or a bounded refusal reason)", ["status"])
+        self.downloaded_bytes = m.counter("downloaded_bytes_total", "Bytes read from the network, whatever the outcome")
+        self.staged_bytes = m.histogram("staged_image_size_bytes", "Size of staged images", buckets=SIZE_BUCKETS)
+        self.fetch_seconds = m.histogram("fetch_duration_seconds", "Time to fetch, check and resize one URL", ["outcome"])
+        self.queries_crawled = m.counter("queries_crawled_total", "Queries crawled, by search backend", ["backend"])
+        self.query_seconds = m.histogram("query_duration_seconds", "Time to crawl one query (search, downloads, staging)", buckets=QUERY_BUCKETS)
+        self.search_requests = m.counter("search_requests_total", "Search requests, by backend and outcome", ["backend", "outcome"])
+        self.search_seconds = m.histogram("search_duration_seconds", "Time of one search request that reached the backend", ["backend"])
+        self.staged_objects = m.counter("staged_objects_total", "Staging writes, by outcome (written, existing)", ["outcome"])
+        self.replayed = m.counter("queries_replayed_total", "Redelivered queries answered from the replay memory")
+        self.in_flight_gauge = m.gauge("fetches_in_flight", "Downloads in flight")
+        self.in_flight_gauge.set_function(lambda: self.downloader.in_flight)
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def register(self, server: grpc.Server) -> list[str]:
+        crawler_pb2_grpc.add_CrawlerServiceServicer_to_server(CrawlerServicer(self), server)
+        return [crawler_pb2.DESCRIPTOR.services_by_name["CrawlerService"].full_name]
+
+    def handlers(self) -> Mapping[str, Handler]:
+        return {topics.QUERIES.name: self.handle_query}
+
+    def dependencies(self) -> dict[str, Check]:
+        checks = super().dependencies()
+        default = self.registry.get("")
+        checks[f"search_{default.name.replace('-', '_')}"] = default.ping
+        return checks
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.downloader.start()
+
+    def on_stop(self) -> None:
+        self.downloader.close()
+        self._s3_pool.shutdown(wait=True)
+
+    # ---- the handler ---------------------------------------------------------------------------
+    def handle_query(self, query: events_pb2.QueryIssued, ctx: EventContext | None = None) -> None:
+        assert self.publisher is not None, "publisher not started"
+        memory_key = (query.exploration_id, query.query_id)
+        outcome = self.replay.get(memory_key)
+        if outcome is not None:
+            self.replayed.inc()
+            self._publish(outcome)
+            return
+        with self.query_seconds.time():
+            outcome = self._crawl(query)
+        self.replay.put(memory_key, outcome)
+        self._publish(outcome)
+        with self._totals_lock:
+            self._queries_crawled += 1
+            self._images_fetched += outcome.crawled.images_fetched
+            self._refused.update(dict(outcome.crawled.refused))
+        log.info(
+            "query crawled",
+            extra={
+                "exploration_id": query.exploration_id,
+                "query_id": query.query_id,
+                "results": outcome.crawled.results_returned,
+                "fetched": outcome.crawled.images_fetched,
+                "refused": str(dict(outcome.crawled.refused)),
+            },
+        )
+
+    def _crawl(self, query: events_pb2.QueryIssued) -> CrawlOutcome:
+        if not query.query_id or not query.exploration_id:
+            raise PermanentError("missing_ids", "query_id and exploration_id are required")
+        text = query.text.strip() or f"{query.descriptor} {query.concept}".strip()
+        if not text:
+            raise PermanentError("empty_query", f"query {query.query_id} has no text")
+        backend = self._backend_name(query.search_backend)
+        hits = self._search(backend, text, self._num_results(query.num_results))
+
+        # One download per distinct URL: a backend may list the same URL twice, and downstream keys
+        # decisions by URL anyway.
+        urls = list(dict.fromkeys(hit.url for hit in hits))
+        results = self.downloader.fetch_all(urls, deadline_s=self.settings.crawler_query_deadline_s)
+        self._record(results)
+        ok = [r for r in results if r.ok]
+        # Every staged object is durable before any event mentions it (and before the offset commits).
+        self._stage(ok)
+
+        fetched = tuple(self._image_fetched(query, r) for r in ok)
+        refused = Counter(r.status for r in results if not r.ok)
+        crawled = events_pb2.QueryCrawled(
+            query_id=query.query_id,
+            exploration_id=query.exploration_id,
+            iteration=query.iteration,
+            results_returned=len(urls),
+            images_fetched=len(fetched),
+            refused=dict(refused),
+            crawled_at=now_timestamp(),
+        )
+        self.queries_crawled.labels(backend=backend).inc()
+        return CrawlOutcome(fetched, crawled)
+
+    def _backend_name(self, requested: str) -> str:
+        try:
+            return self.registry.resolve_name(requested)
+        except UnknownBackend as exc:
+            raise PermanentError("unknown_search_backend", str(exc)) from None
+
+    def _num_results(self, requested: int) -> int:
+        if requested <= 0:
+            return self.settings.crawler_default_results
+        return min(requested, self.settings.crawler_max_results)
+
+    def _search(self, backend: str, text: str, num_results: int) -> tuple[SearchHit, ...]:
+        started = time.perf_counter()
+        try:
+            answer = self.registry.search(backend, text, num_results)
+        except SearchUnavailable as exc:
+            self.search_requests.labels(backend=backend, outcome=exc.kind).inc()
+            raise DependencyUnavailable(str(exc)) from exc
+        except SearchRejected as exc:
+            self.search_requests.labels(backend=backend, outcome=exc.kind).inc()
+            raise PermanentError("search_rejected", str(exc)) from exc
+        except (SearchFailed, SearchError) as exc:
+            # Bounded retries by the consumer loop, then dead-lettered: it may be a poison query.
+            self.search_requests.labels(backend=backend, outcome=exc.kind).inc()
+            raise
+        if not answer.cached:
+            self.search_seconds.labels(backend=backend).observe(time.perf_counter() - started)
+        self.search_requests.labels(backend=backend, outcome="cache_hit" if answer.cached else "ok").inc()
+        return answer.hits
+
+    def _record(self, results: list[FetchResult]) -> None:
+        for r in results:
+            self.urls_total.labels(status=r.status).inc()
+            self.fetch_seconds.labels(outcome="ok" if r.ok else "refused").observe(r.elapsed_s)
+            if r.downloaded_bytes:
+                self.downloaded_bytes.inc(r.downloaded_bytes)
+            if r.ok:
+                self.staged_bytes.observe(r.size_bytes)
+            elif r.status in (status.CONNECTION_ERROR, status.HTTP_ERROR, status.DECODE_ERROR):
+                log.debug("url refused", extra={"url": r.url[:300], "status": r.status, "detail": r.detail})
+
+    def _stage(self, results: list[FetchResult]) -> None:
+        bucket = self.settings.s3_bucket
+        unique = {r.sha256: r for r in results}  # identical bytes from two URLs are written once
+
+        def put(r: FetchResult) -> str:
+            key = content_key(STAGING_PREFIX, r.sha256)
+            if self.store.exists(bucket, key):
+                return "existing"
+            assert r.data is not None
+            self.store.put_bytes(bucket, key, r.data, content_type=r.content_type)
+            return "written"
+
+        for written in self._s3_pool.map(put, unique.values()):
+            self.staged_objects.labels(outcome=written).inc()
+
+    def _image_fetched(self, query: events_pb2.QueryIssued, r: FetchResult) -> events_pb2.ImageFetched:
+        return events_pb2.ImageFetched(
+            exploration_id=query.exploration_id,
+            iteration=query.iteration,
+            query_id=query.query_id,
+            concept=query.concept,
+            url=r.url,
+            staging_key=content_key(STAGING_PREFIX, r.sha256),
+            raw_sha256=r.sha256,
+            content_type=r.content_type,
+            width=r.width,
+            height=r.height,
+            size_bytes=r.size_bytes,
+            fetched_at=now_timestamp(),
+        )
+
+    def _publish(self, outcome: CrawlOutcome) -> None:
+        assert self.publisher is not None
+        for event in outcome.fetched:
+            self.publisher.publish(topics.IMAGES_FETCHED, event, key=event.raw_sha256)
+        # Last, so that a consumer seeing it has (per partition order of the producer) the count to expect.
+        self.publisher.publish(topics.QUERIES_CRAWLED, outcome.crawled, key=outcome.crawled.exploration_id)
+
+    # ---- status for gRPC ------------------------------------------------------------------------
+    def status_snapshot(self) -> crawler_pb2.GetCrawlerStatusResponse:
+        with self._totals_lock:
+            return crawler_pb2.GetCrawlerStatusResponse(
+                queries_crawled=self._queries_crawled,
+                images_fetched=self._images_fetched,
+                refused=dict(self._refused),
+                in_flight=self.downloader.in_flight,
+            )
+
+
+class CrawlerServicer(crawler_pb2_grpc.CrawlerServiceServicer):
+    def __init__(self, service: CrawlerService) -> None:
+        self.service = service
+
+    def ProbeUrl(self, request: crawler_pb2.ProbeUrlRequest, context: grpc.ServicerContext) -> crawler_pb2.ProbeUrlResponse:
+        problem = url_problem(request.url, MAX_URL_LENGTH)
+        if problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"url: {problem}")
+        result = self.service.downloader.fetch(request.url)
+        return crawler_pb2.ProbeUrlResponse(
+            status=result.status,
+            content_type=result.content_type,
+            size_bytes=result.size_bytes,
+            width=result.width,
+            height=result.height,
+        )
+
+    def GetCrawlerStatus(self, request: crawler_pb2.GetCrawlerStatusRequest, context: grpc.ServicerContext) -> crawler_pb2.GetCrawlerStatusResponse:
+        return self.service.status_snapshot()

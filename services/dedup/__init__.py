@@ -1,0 +1,1 @@
+"""Dedup: exact duplicates, target decontamination, the content-addressed image store, auditable decisions."""

@@ -1,0 +1,338 @@
+"""The dedup decision for one fetched image, and the objects it writes. No Kafka here: the service publishes.
+
+Object layout (bucket IEX_S3_BUCKET):
+
+    decisions/<exploration>/<query>/<raw sha256>-<url hash>.json   decision record (audit, idempotence)
+    decisions-by-raw/<exploration>/<raw sha256>.json                -> latest decision record of that image
+    images/ab/cd/<pixel sha256>                                     accepted image, first finder in metadata
+    provenance/<pixel sha256>/<exploration>-<query>-<url hash>.json every (query, URL) credited with it
+
+`<url hash>` is the first 16 hex digits of sha256(url): one image found by one query under two URLs
+gets two decisions (the second an exact duplicate of the first).
+
+Crash safety. The decision record is written last, after everything it describes, and the service
+publishes only after `decide_and_store` returns; the consumer commits only after publishing. So:
+- a redelivered image whose record exists is answered from the record, unchanged (no new decision,
+  no new object, same events re-published);
+- a crash anywhere before the record is written just redoes the decision. The one step that would
+  decide differently on a redo is the exact-duplicate check (the image would find its own object),
+  so each object's metadata names its first finder (exploration, query, raw sha256, URL hash) and a
+  redo by that finder is the same UNIQUE decision again.
+
+Known limit: two different files with identical pixels decided at the same moment on two replicas
+(fetched images are keyed by raw sha256, so they can land on different partitions) may both be
+called UNIQUE; they write the same key with the same pixels, so storage stays correct and only the
+counts see two new images. A conditional put (If-None-Match) closes this where the store supports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from iex.v1 import common_pb2, events_pb2
+from services.common.errors import PermanentError
+from services.common.objectstore import content_key, parse_s3_uri
+from services.dedup.encoding import encode_for_storage
+from services.dedup.explorations import valid_id
+from services.dedup.hashing import DEFAULT_MAX_PIXELS, HASH_VERSION, ImageHashes, ImageRejected, decode_image, hash_hex, image_hashes, raw_sha256
+from services.dedup.targets import TargetHashes
+
+log = logging.getLogger(__name__)
+
+DECISIONS_PREFIX = "decisions"
+INDEX_PREFIX = "decisions-by-raw"
+IMAGES_PREFIX = "images"
+PROVENANCE_PREFIX = "provenance"
+RECORD_VERSION = 1
+
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+UNIQUE = common_pb2.DECISION_KIND_UNIQUE
+EXACT_DUPLICATE = common_pb2.DECISION_KIND_EXACT_DUPLICATE
+CONTAMINATES_TARGET = common_pb2.DECISION_KIND_CONTAMINATES_TARGET
+INVALID = common_pb2.DECISION_KIND_INVALID
+
+
+def kind_label(kind: int) -> str:
+    """Bounded metric label / stats key: "unique", "exact_duplicate", ..."""
+    return common_pb2.DecisionKind.Name(kind).removeprefix("DECISION_KIND_").lower()
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def decision_key(exploration_id: str, query_id: str, raw_sha: str, url: str) -> str:
+    return f"{DECISIONS_PREFIX}/{exploration_id}/{query_id}/{raw_sha}-{url_hash(url)}.json"
+
+
+def index_key(exploration_id: str, raw_sha: str) -> str:
+    return f"{INDEX_PREFIX}/{exploration_id}/{raw_sha}.json"
+
+
+def image_key(pixel_sha: str) -> str:
+    return content_key(IMAGES_PREFIX, pixel_sha)
+
+
+def provenance_key(pixel_sha: str, exploration_id: str, query_id: str, url: str) -> str:
+    return f"{PROVENANCE_PREFIX}/{pixel_sha}/{exploration_id}-{query_id}-{url_hash(url)}.json"
+
+
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%")
+
+
+def header_value(text: str, limit: int, keep_escapes: bool = False) -> str:
+    """Printable ASCII for S3 metadata (sent as HTTP headers): other characters percent-encoded, then cut.
+
+    keep_escapes: the text is already percent-encoded (a URL); its escapes are kept as they are.
+    """
+    encoded = quote(text, safe=_HEADER_SAFE + ("%" if keep_escapes else ""))[:limit]
+    # Never leave half of a %XX escape at the cut.
+    cut = encoded.rfind("%", max(0, len(encoded) - 2))
+    return encoded[:cut] if cut != -1 else encoded
+
+
+def sanitise_url(url: str, limit: int = 512) -> str:
+    """scheme://host/path only: credentials, query strings (signed tokens) and fragments are dropped."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        clean = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        clean = url.split("?", 1)[0].split("#", 1)[0]
+    return header_value(clean, limit, keep_escapes=True)
+
+
+def now_timestamp() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+@dataclass(frozen=True)
+class DedupPolicy:
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    min_image_side: int = 16
+    # Both dHash and pHash within this many bits of one evaluation image: contamination. -1: exact pixels only.
+    contamination_max_hamming: int = 8
+
+
+@dataclass(frozen=True)
+class DedupOutcome:
+    decision: events_pb2.ImageDecision
+    # Only for UNIQUE decisions.
+    stored: events_pb2.ImageStored | None
+    # True when the decision was read back from its record (a redelivery), not made by this call.
+    replayed: bool = False
+    # Bytes written as a new image object by this call.
+    bytes_written: int = 0
+
+
+class Guard(Protocol):
+    def for_exploration(self, exploration_id: str) -> TargetHashes: ...
+
+
+class Deduplicator:
+    def __init__(self, store, bucket: str, guard: Guard, policy: DedupPolicy = DedupPolicy()) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.guard = guard
+        self.policy = policy
+
+    # ---- the whole decision ------------------------------------------------------------------
+    def decide_and_store(self, fetched: events_pb2.ImageFetched) -> DedupOutcome:
+        validate_fetched(fetched)
+        key = decision_key(fetched.exploration_id, fetched.query_id, fetched.raw_sha256, fetched.url)
+        record = self.store.get_json(self.bucket, key)
+        if record is not None:
+            return outcome_from_record(record)
+        outcome, hashes, stored_format = self._decide(fetched)
+        # The index first and the record last: the record is the commit point of the decision.
+        self.store.put_json(self.bucket, index_key(fetched.exploration_id, fetched.raw_sha256), {"decision_key": key})
+        self.store.put_json(self.bucket, key, record_of(key, outcome, hashes, stored_format))
+        return outcome
+
+    def _decide(self, fetched: events_pb2.ImageFetched) -> tuple[DedupOutcome, ImageHashes | None, str]:
+        data = self._staged_bytes(fetched)
+        if len(data) > self.policy.max_image_bytes:
+            return self._invalid(fetched, "too_large"), None, ""
+        if raw_sha256(data) != fetched.raw_sha256:
+            return self._invalid(fetched, "raw_sha256_mismatch"), None, ""
+        try:
+            decoded = decode_image(data, self.policy.max_image_pixels, self.policy.min_image_side)
+        except ImageRejected as exc:
+            return self._invalid(fetched, exc.reason), None, ""
+        hashes = image_hashes(decoded.rgb)
+
+        match = self.guard.for_exploration(fetched.exploration_id).match(hashes, self.policy.contamination_max_hamming)
+        if match is not None:
+            decision = self._decision(fetched, CONTAMINATES_TARGET, hashes.pixel_sha256)
+            decision.contaminated_target_id = match.target_id
+            decision.hamming_distance = match.hamming_distance
+            decision.reason = "exact_pixels" if match.exact else "near_hash"
+            return DedupOutcome(decision, None), hashes, ""
+
+        object_key = image_key(hashes.pixel_sha256)
+        existing = self.store.stat_metadata(self.bucket, object_key)
+        bytes_written = 0
+        if existing is None:
+            encoding = encode_for_storage(data, decoded, hashes.pixel_sha256, self.policy.max_image_pixels)
+            metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
+            self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=metadata)
+            kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
+        elif is_first_finder(existing, fetched):
+            # Our own object from an attempt that crashed before its decision record.
+            kind, size, stored_format = UNIQUE, _int(existing.get("size-bytes")), existing.get("format", "")
+        else:
+            kind, size, stored_format = EXACT_DUPLICATE, 0, existing.get("format", "")
+
+        decision = self._decision(fetched, kind, hashes.pixel_sha256)
+        decision.object_key = object_key
+        stored = None
+        if kind == UNIQUE:
+            decision.reason = "stored"
+            stored = events_pb2.ImageStored(
+                pixel_sha256=hashes.pixel_sha256,
+                object_key=object_key,
+                exploration_id=fetched.exploration_id,
+                iteration=fetched.iteration,
+                query_id=fetched.query_id,
+                concept=fetched.concept,
+                width=decoded.width,
+                height=decoded.height,
+                size_bytes=size,
+                stored_at=decision.decided_at,
+            )
+        else:
+            decision.reason = "same_pixels"
+            decision.duplicate_of = hashes.pixel_sha256
+        self._write_provenance(fetched, decision)
+        return DedupOutcome(decision, stored, bytes_written=bytes_written), hashes, stored_format
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _staged_bytes(self, fetched: events_pb2.ImageFetched) -> bytes:
+        bucket, key = self.bucket, fetched.staging_key
+        if key.startswith("s3://"):
+            bucket, key = parse_s3_uri(key)
+        data = self.store.get_or_none(bucket, key)
+        if data is None:
+            raise PermanentError("staging_missing", fetched.staging_key[:200])
+        return data
+
+    def _decision(self, fetched: events_pb2.ImageFetched, kind: int, pixel_sha: str = "") -> events_pb2.ImageDecision:
+        return events_pb2.ImageDecision(
+            exploration_id=fetched.exploration_id,
+            iteration=fetched.iteration,
+            query_id=fetched.query_id,
+            concept=fetched.concept,
+            url=fetched.url,
+            raw_sha256=fetched.raw_sha256,
+            pixel_sha256=pixel_sha,
+            kind=kind,
+            decided_at=now_timestamp(),
+        )
+
+    def _invalid(self, fetched: events_pb2.ImageFetched, reason: str) -> DedupOutcome:
+        decision = self._decision(fetched, INVALID)
+        decision.reason = reason
+        return DedupOutcome(decision, None)
+
+    def _write_provenance(self, fetched: events_pb2.ImageFetched, decision: events_pb2.ImageDecision) -> None:
+        # Keyed by (image, exploration, query, URL): a redo overwrites the same object.
+        self.store.put_json(
+            self.bucket,
+            provenance_key(decision.pixel_sha256, fetched.exploration_id, fetched.query_id, fetched.url),
+            {
+                "pixel_sha256": decision.pixel_sha256,
+                "exploration_id": fetched.exploration_id,
+                "iteration": fetched.iteration,
+                "query_id": fetched.query_id,
+                "concept": fetched.concept,
+                "url": sanitise_url(fetched.url),
+                "raw_sha256": fetched.raw_sha256,
+                "kind": common_pb2.DecisionKind.Name(decision.kind),
+            },
+        )
+
+
+def validate_fetched(fetched: events_pb2.ImageFetched) -> None:
+    """Fields that become parts of object keys must be safe there; a bad event is dead-lettered."""
+    if not valid_id(fetched.exploration_id):
+        raise PermanentError("invalid_event", f"exploration_id {fetched.exploration_id[:80]!r}")
+    if not valid_id(fetched.query_id):
+        raise PermanentError("invalid_event", f"query_id {fetched.query_id[:80]!r}")
+    if not SHA256_PATTERN.match(fetched.raw_sha256):
+        raise PermanentError("invalid_event", f"raw_sha256 {fetched.raw_sha256[:80]!r}")
+    if not fetched.staging_key:
+        raise PermanentError("invalid_event", "staging_key is empty")
+
+
+def object_metadata(fetched: events_pb2.ImageFetched, width: int, height: int, hashes: ImageHashes, stored_format: str, size: int) -> dict[str, str]:
+    """Provenance of the first finder; written once with the object (S3 allows 2 KB of it)."""
+    return {
+        "exploration-id": fetched.exploration_id,
+        "query-id": fetched.query_id,
+        "raw-sha256": fetched.raw_sha256,
+        "url-hash": url_hash(fetched.url),
+        "source-url": sanitise_url(fetched.url),
+        "concept": header_value(fetched.concept, 128),
+        "width": str(width),
+        "height": str(height),
+        "hash-version": HASH_VERSION,
+        "dhash": hash_hex(hashes.dhash),
+        "phash": hash_hex(hashes.phash),
+        "format": stored_format,
+        "size-bytes": str(size),
+    }
+
+
+def is_first_finder(metadata: Mapping[str, str], fetched: events_pb2.ImageFetched) -> bool:
+    return (
+        metadata.get("exploration-id") == fetched.exploration_id
+        and metadata.get("query-id") == fetched.query_id
+        and metadata.get("raw-sha256") == fetched.raw_sha256
+        and metadata.get("url-hash") == url_hash(fetched.url)
+    )
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def record_of(key: str, outcome: DedupOutcome, hashes: ImageHashes | None, stored_format: str) -> dict:
+    return {
+        "record_version": RECORD_VERSION,
+        "decision_key": key,
+        "decision": json_format.MessageToDict(outcome.decision, preserving_proto_field_name=True),
+        "stored": None if outcome.stored is None else json_format.MessageToDict(outcome.stored, preserving_proto_field_name=True),
+        "hashes": None if hashes is None else {"hash_version": HASH_VERSION, "dhash": hash_hex(hashes.dhash), "phash": hash_hex(hashes.phash)},
+        "stored_format": stored_format,
+    }
+
+
+def decision_from_record(record: Mapping) -> events_pb2.ImageDecision:
+    return json_format.ParseDict(record["decision"], events_pb2.ImageDecision(), ignore_unknown_fields=True)
+
+
+def outcome_from_record(record: Mapping) -> DedupOutcome:
+    stored = record.get("stored")
+    return DedupOutcome(
+        decision=decision_from_record(record),
+        stored=None if not stored else json_format.ParseDict(stored, events_pb2.ImageStored(), ignore_unknown_fields=True),
+        replayed=True,
+    )

@@ -1,0 +1,1 @@
+"""Self-supervised trainer: MoCo-v3 on target + selected web images, checkpoints, encoder versions."""

@@ -1,0 +1,4 @@
+from services.common.service import main
+from services.trainer.service import TrainerService
+
+raise SystemExit(main(TrainerService))
