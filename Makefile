@@ -46,6 +46,7 @@ status: setup
 	$(PY) -m services.stack status
 
 run: setup
+	$(PY) -m services.stack up
 	$(PY) -m services.cli demo
 
 test: setup proto-check
@@ -58,7 +59,7 @@ test-integration: setup
 	$(PY) -m pytest tests/integration
 
 test-compat: setup
-	$(PY) -m pytest tests/compat tests/integration -m "compat or integration" --compat
+	$(PY) -m pytest tests/compat tests/integration/test_vertical_slice.py --compat
 
 bench: setup
 	$(PY) -m bench

@@ -52,6 +52,8 @@ class Service:
     # Consumers whose handlers run long (training) need a longer poll interval than the default.
     max_poll_interval_ms = 300_000
     max_poll_records = 64
+    # Services that neither consume nor publish (search) run without a broker.
+    uses_kafka = True
 
     def __init__(self, settings: settings_mod.ServiceSettings) -> None:
         self.settings = settings
@@ -77,7 +79,9 @@ class Service:
         return {}
 
     def dependencies(self) -> dict[str, Check]:
-        checks: dict[str, Check] = {"s3": self.store.ping, "kafka": lambda: tcp_reachable(self.settings.kafka_bootstrap)}
+        checks: dict[str, Check] = {"s3": self.store.ping}
+        if self.uses_kafka:
+            checks["kafka"] = lambda: tcp_reachable(self.settings.kafka_bootstrap)
         if self.consumer is not None:
             consumer = self.consumer
             checks["kafka_consumer"] = lambda: consumer.healthy
@@ -104,7 +108,8 @@ class Service:
         last_error: Exception | None = None
         while time.monotonic() < deadline and not self.stopping.is_set():
             try:
-                ensure_topics(self.kafka_config, all_topic_names())
+                if self.uses_kafka:
+                    ensure_topics(self.kafka_config, all_topic_names())
                 self.on_start()
                 return
             except Exception as exc:  # noqa: BLE001 - any start-up failure is retried until the deadline
@@ -118,7 +123,8 @@ class Service:
         metrics.serve(s.metrics_port, s.grpc_host)
         metrics.build_info(self.name)
         self._wait_for_infrastructure()
-        self.publisher = Publisher(self.kafka_config, self.metrics)
+        if self.uses_kafka:
+            self.publisher = Publisher(self.kafka_config, self.metrics)
 
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"{self.name}-grpc"),
@@ -219,13 +225,16 @@ def main(service_class: type[Service]) -> int:
         print(f"{service_class.name}: {exc}", file=sys.stderr)
         return 2
     logs.configure(service_class.name, settings.log_level)
-    service = service_class(settings)
+    try:
+        service = service_class(settings)
+    except settings_mod.SettingsError as exc:
+        print(f"{service_class.name}: {exc}", file=sys.stderr)
+        return 2
     try:
         service.start()
         service.wait()
     except DependencyUnavailable as exc:
         log.error("cannot start", extra={"error": str(exc)})
-        service.stop()
         return 3
     finally:
         service.stop()

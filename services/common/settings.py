@@ -85,7 +85,8 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
                 problems.append(str(exc))
                 continue
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{var}: required but not set ({f.metadata.get('help', '')})".rstrip(" ()"))
+            described = f" ({f.metadata['help']})" if f.metadata.get("help") else ""
+            problems.append(f"{var}: required but not set{described}")
             continue
         else:
             continue

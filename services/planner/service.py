@@ -44,7 +44,7 @@ class PlannerSettings(ServiceSettings):
     planner_default_backend: str = setting("local", help="search backend by default")
     planner_search_backends: tuple[str, ...] = setting(("local", "clip-retrieval"), help="backend names the crawler knows, comma separated")
     planner_default_init: str = setting("random", help="encoder initialisation by default")
-    planner_default_backbone: str = setting("resnet10t", help="timm backbone by default")
+    planner_default_backbone: str = setting("mobilenetv3_small_050", help="timm backbone by default")
     planner_default_image_size: int = setting(64, help="encoder input size by default", minimum=16)
     planner_iteration_deadline_s: int = setting(1800, help="seconds an iteration collects before moving on with what arrived", minimum=1)
     planner_replay_fraction: float = setting(0.5, help="share of an iteration's images, best rewards first, kept in the replay buffer", minimum=0.0, maximum=1.0)

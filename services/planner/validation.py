@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from iex.v1 import common_pb2, planner_pb2
 
 EXPLORATION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-KNOWN_INITS = ("random", "efficientnet-lite0")
+# What the trainer can initialise from today; pretrained and s3:// checkpoints arrive with the trainer issue.
+KNOWN_INITS = ("random",)
 
 
 class InvalidField(ValueError):
@@ -83,8 +84,8 @@ def normalise_spec(spec: planner_pb2.ExplorationSpec, defaults: SpecDefaults) ->
         raise InvalidField("spec.search_backend", f"unknown backend {out.search_backend!r}; known: {', '.join(defaults.search_backends)}")
     if not out.init:
         out.init = defaults.init
-    if out.init not in KNOWN_INITS and not out.init.startswith("s3://"):
-        raise InvalidField("spec.init", f"must be one of {', '.join(KNOWN_INITS)} or an s3:// checkpoint, got {out.init[:100]!r}")
+    if out.init not in KNOWN_INITS:
+        raise InvalidField("spec.init", f"must be one of {', '.join(KNOWN_INITS)}, got {out.init[:100]!r}")
     if not out.backbone:
         out.backbone = defaults.backbone
     if not re.match(r"^[a-z0-9_.]{1,80}$", out.backbone):

@@ -6,7 +6,6 @@ embeds the distinct captions (or reuses cached embeddings) and starts HTTP; gRPC
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -23,7 +22,6 @@ from services.search.engine import InvalidQuery, SearchEngine, SearchMetrics, Un
 from services.search.index import LocalIndexStore, build_caption_index, shared_minilm
 from services.search.web import SearchHttpServer
 
-log = logging.getLogger(__name__)
 
 INDEX_CACHE_SUBDIR = ".iex-index"
 

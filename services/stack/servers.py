@@ -142,7 +142,28 @@ def stack_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         "IEX_TRITON_HTTP_URL": pick("IEX_TRITON_HTTP_URL", DEFAULT_TRITON_HTTP),
         "IEX_MODEL_REPOSITORY": str(model_repository(env)),
         "IEX_PROMETHEUS_URL": pick("IEX_PROMETHEUS_URL", endpoints.DEFAULT_PROMETHEUS_URL),
+        # The local offline web serves images on loopback, which the crawler refuses by default.
+        "IEX_CRAWLER_ALLOW_NETWORKS": pick("IEX_CRAWLER_ALLOW_NETWORKS", "127.0.0.0/8"),
+        "IEX_SEARCH_CORPUS_DIR": str(search_corpus_dir(env)),
+        # CPU-sized training per iteration on the local stack.
+        "IEX_TRAINER_MAX_STEPS": pick("IEX_TRAINER_MAX_STEPS", "20"),
     }
+
+
+def search_corpus_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The corpus the local search service indexes: IEX_SEARCH_CORPUS_DIR, else the generated one."""
+    configured = _env(environ).get("IEX_SEARCH_CORPUS_DIR")
+    return Path(configured) if configured else state_dir() / "corpus" / "synthetic"
+
+
+def ensure_default_corpus(environ: Mapping[str, str] | None = None) -> Path:
+    """Generates the small synthetic offline web when no corpus is configured and none exists yet."""
+    path = search_corpus_dir(environ)
+    if not (path / "corpus.jsonl").exists() and not _env(environ).get("IEX_SEARCH_CORPUS_DIR"):
+        from services.search import synthetic
+
+        synthetic.make_corpus(path, per_concept=8)
+    return path
 
 
 def s3_client(environ: Mapping[str, str] | None = None, *, timeout_s: float = 5.0, retries: bool = True):
@@ -629,6 +650,8 @@ def service_process(name: str, env: Mapping[str, str] | None = None) -> ManagedP
     if name not in SERVICE_PORTS:
         raise StackError(f"unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
     grpc_port = SERVICE_PORTS[name].grpc
+    if name == "search":
+        ensure_default_corpus(env)
     root = repo_root()
     pythonpath = [str(root), str(root / "protos"), os.environ.get("PYTHONPATH", "")]
     base = stack_env() if env is None else dict(env)

@@ -33,6 +33,8 @@ class ModelConfig:
     seed: int = 0
     mlp_dim: int = 1024
     projection_dim: int = 256
+    # MoCo-v3: 2 for CNNs, 3 for ViTs.
+    projector_layers: int = 2
     optimizer: str = "lars"
     # Filled in by `EncoderState.create` from the backbone: input normalisation and feature width.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -47,6 +49,8 @@ class ModelConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.mlp_dim < 1 or self.projection_dim < 1:
             raise ValueError("mlp_dim and projection_dim must be >= 1")
+        if self.projector_layers < 1:
+            raise ValueError("projector_layers must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,7 +85,7 @@ class EncoderState:
             backbone = moco.create_backbone(config.backbone)
             dim = moco.feature_dim(backbone, config.image_size)
             mean, std = moco.backbone_normalisation(backbone)
-            model = moco.MoCoV3(backbone, dim, mlp_dim=config.mlp_dim, dim=config.projection_dim)
+            model = moco.MoCoV3(backbone, dim, mlp_dim=config.mlp_dim, dim=config.projection_dim, projector_layers=config.projector_layers)
         config = dataclasses.replace(config, embedding_dim=dim, mean=mean, std=std)
         model.to(device)
         optimizer = moco.build_optimizer(config.optimizer, model.trainable_parameters(), weight_decay)
@@ -119,7 +123,7 @@ class EncoderState:
             raise CheckpointError(f"bad model config in checkpoint: {exc}") from exc
         # Build the same architecture (the seed does not matter: every tensor is overwritten).
         backbone = moco.create_backbone(config.backbone)
-        model = moco.MoCoV3(backbone, config.embedding_dim, mlp_dim=config.mlp_dim, dim=config.projection_dim)
+        model = moco.MoCoV3(backbone, config.embedding_dim, mlp_dim=config.mlp_dim, dim=config.projection_dim, projector_layers=config.projector_layers)
         try:
             model.load_state_dict(blob["model"])
         except (KeyError, RuntimeError) as exc:

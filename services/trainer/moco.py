@@ -164,11 +164,13 @@ class MoCoV3(nn.Module):
     The representation that is exported and evaluated is `backbone`'s pooled features.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, mlp_dim: int = 4096, dim: int = 256) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, mlp_dim: int = 4096, dim: int = 256, projector_layers: int = 2) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = build_mlp(3, feature_dim, mlp_dim, dim)
-        self.predictor = build_mlp(2, dim, mlp_dim, dim)
+        # The reference code: 2-layer projector for ResNets (3 for ViTs), 2-layer predictor
+        # ending without BN.
+        self.projector = build_mlp(projector_layers, feature_dim, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
         self.momentum_backbone = copy.deepcopy(backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self._momentum_parameters():
@@ -353,11 +355,18 @@ class TwoViewAugment:
         return torch.stack([rows.float(), left, top, left + w, top + h], dim=1)
 
     def _resized_crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
-        boxes = self._crop_boxes(x.shape[0], x.shape[2], x.shape[3], generator).to(x.device)
-        # roi_align averages 2x2 samples per output pixel: bilinear resizing with some antialiasing.
-        return roi_align(x, boxes, (self.image_size, self.image_size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        b, _, height, width = x.shape
+        boxes = self._crop_boxes(b, height, width, generator)
+        left, top, right, bottom = boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
+        # Box -> affine map of the output grid onto the crop (normalised coordinates, pixel
+        # edges at -1 and 1); bilinear sampling, 3x cheaper than roi_align on a CPU.
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = (right - left) / width
+        theta[:, 0, 2] = (left + right) / width - 1.0
+        theta[:, 1, 1] = (bottom - top) / height
+        theta[:, 1, 2] = (top + bottom) / height - 1.0
+        grid = F.affine_grid(theta.to(x.device, x.dtype), [b, 3, self.image_size, self.image_size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def _colour_jitter(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b = x.shape[0]

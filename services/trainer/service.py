@@ -12,6 +12,7 @@ enough for it); a SIGTERM abandons the run in hand, uncommitted, for the next re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -29,6 +30,7 @@ from typing import Iterator, Mapping
 
 import grpc
 import torch
+from minio.error import S3Error
 
 from iex.v1 import common_pb2, events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.common import modelrepo, topics
@@ -237,6 +239,11 @@ class TrainerService(Service):
         self.repository.mkdir(parents=True, exist_ok=True)
         if self.settings.trainer_threads > 0:
             torch.set_num_threads(self.settings.trainer_threads)
+        if self.device.type == "cuda":
+            # Fixed input sizes: let cuDNN pick the fastest kernels; TF32 matmuls on Ampere+.
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     # ---- handlers ------------------------------------------------------------------------------
     def handle_exploration_created(self, event: events_pb2.ExplorationCreated, ctx: EventContext | None = None) -> None:
@@ -376,8 +383,11 @@ class TrainerService(Service):
     def _export(self, state: EncoderState, summary: VersionSummary) -> None:
         with tempfile.TemporaryDirectory(prefix="iex-export-") as tmp:
             onnx_path = Path(tmp) / modelrepo.ONNX_FILENAME
+            # Exported from a CPU copy: the export is verified against onnxruntime on the CPU,
+            # and GPU kernels (TF32, cuDNN) would differ from it by more than the tolerance.
+            backbone = copy.deepcopy(state.backbone).cpu()
             try:
-                modelrepo.export_encoder_onnx(state.backbone, state.config.image_size, onnx_path, state.config.mean, state.config.std)
+                modelrepo.export_encoder_onnx(backbone, state.config.image_size, onnx_path, state.config.mean, state.config.std)
             except modelrepo.ExportError as exc:
                 raise PermanentError("export_failed", str(exc)[:300]) from exc
             try:
@@ -521,7 +531,8 @@ class TrainerService(Service):
             return []
         try:
             return data.list_target_eval(self.store, target_uri, self.settings.trainer_eval_max_images)
-        except ValueError as exc:
+        except (ValueError, S3Error) as exc:
+            # The initial encoder must not wait on an unreadable target: it is only evaluated.
             log.warning("target not evaluable", extra={"target_uri": target_uri, "error": str(exc)})
             return []
 

@@ -310,7 +310,7 @@ def test_settings_require_a_corpus_directory(tmp_path, corpus_dir):
 def test_broken_corpus_is_a_configuration_error(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"id": "a", "file": "missing.png", "caption": "x"}\n')
     settings = load_service_settings(SearchSettings, "search", environ={"IEX_SEARCH_CORPUS_DIR": str(tmp_path)})
-    with pytest.raises(SettingsError, match="IEX_SEARCH_CORPUS_DIR: .*missing.png"):
+    with pytest.raises(SettingsError, match=r"(?s)IEX_SEARCH_CORPUS_DIR: .*missing.png. does not exist"):
         SearchService(settings)
 
 

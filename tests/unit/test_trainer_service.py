@@ -1,0 +1,339 @@
+"""Trainer handlers and gRPC status with in-memory S3 and Kafka fakes and a temporary model
+repository: versions appear on disk and on the topics once, and redeliveries never retrain."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iex.v1 import events_pb2, trainer_pb2
+from services.common import modelrepo, topics
+from services.common.errors import DependencyUnavailable, PermanentError
+from services.common.settings import SettingsError, load_service_settings
+from services.trainer import evaluation
+from services.trainer import service as service_module
+from services.trainer.encoder import EncoderState
+from services.trainer.service import TrainerService, TrainerSettings, TrainerStatusServicer, checkpoint_key, model_name_for
+
+BUCKET = "iex"
+EXPLORATION = "exp-1"
+MODEL = "enc_exp_1"
+TARGET_URI = "s3://targets/flowers"
+
+
+# ---- fakes -----------------------------------------------------------------------------------
+class FakeStore:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], tuple[bytes, dict[str, str]]] = {}
+        self.puts: list[str] = []
+        self.up = True
+
+    def _check(self):
+        if not self.up:
+            raise DependencyUnavailable("s3 down")
+
+    def put_bytes(self, bucket, key, data, content_type="application/octet-stream", metadata=None):
+        self._check()
+        self.objects[(bucket, key)] = (bytes(data), {k.lower(): str(v) for k, v in (metadata or {}).items()})
+        self.puts.append(key)
+
+    def get_bytes(self, bucket, key):
+        found = self.get_or_none(bucket, key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get_or_none(self, bucket, key):
+        self._check()
+        entry = self.objects.get((bucket, key))
+        return None if entry is None else entry[0]
+
+    def exists(self, bucket, key):
+        self._check()
+        return (bucket, key) in self.objects
+
+    def stat_metadata(self, bucket, key):
+        self._check()
+        entry = self.objects.get((bucket, key))
+        return None if entry is None else dict(entry[1])
+
+    def put_json(self, bucket, key, value):
+        self.put_bytes(bucket, key, json.dumps(value, sort_keys=True).encode(), content_type="application/json")
+
+    def get_json(self, bucket, key):
+        raw = self.get_or_none(bucket, key)
+        return None if raw is None else json.loads(raw)
+
+    def list_keys(self, bucket, prefix, recursive=True):
+        self._check()
+        return iter(sorted(k for b, k in self.objects if b == bucket and k.startswith(prefix)))
+
+    def ensure_bucket(self, bucket):
+        pass
+
+    def ping(self):
+        return self.up
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object, str]] = []
+
+    def publish(self, topic, message, key, headers=None):
+        self.events.append((topic.name if hasattr(topic, "name") else topic, message, key))
+
+    def of(self, topic):
+        return [m for t, m, _ in self.events if t == topic.name]
+
+    def flush(self, timeout_s=30.0):
+        pass
+
+
+class AbortCalled(Exception):
+    pass
+
+
+class FakeContext:
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise AbortCalled(details)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def image_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    pixels = np.clip(base + rng.normal(0, 40, size=(30, 40, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def store():
+    store = FakeStore()
+    for i in range(6):
+        store.put_bytes("targets", f"flowers/train/{i}.png", image_bytes(i))
+    for label in ("rose", "tulip"):
+        for i in range(3):
+            store.put_bytes("targets", f"flowers/eval/{label}/{i}.png", image_bytes(100 + 10 * len(label) + i))
+    for i in range(4):
+        store.put_bytes(BUCKET, f"images/c{i}", image_bytes(200 + i))
+    store.puts.clear()
+    return store
+
+
+@pytest.fixture
+def trainer(tmp_path, store, monkeypatch):
+    settings = load_service_settings(
+        TrainerSettings,
+        "trainer",
+        environ={},
+        model_repository=str(tmp_path / "models"),
+        trainer_backbone="test_resnet",
+        trainer_image_size=32,
+        trainer_batch_size=8,
+        trainer_max_steps=3,
+        trainer_mlp_dim=64,
+        trainer_projection_dim=32,
+        trainer_fetch_workers=2,
+        trainer_knn_k=3,
+    )
+    service = TrainerService(settings)
+    service.store = store
+    service.publisher = FakePublisher()
+    service.repository.mkdir(parents=True)
+    runs = []
+    real_train = service_module.train
+
+    def counting_train(*args, **kwargs):
+        runs.append(args)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "train", counting_train)
+    service.training_runs = runs
+    return service
+
+
+def created(**changes) -> events_pb2.ExplorationCreated:
+    event = events_pb2.ExplorationCreated(exploration_id=EXPLORATION, target_uri=TARGET_URI, init="random", seed=7)
+    for name, value in changes.items():
+        setattr(event, name, value)
+    return event
+
+
+def write_manifest(store: FakeStore, iteration: int = 1) -> events_pb2.IterationFinished:
+    key = f"explorations/{EXPLORATION}/iterations/{iteration}/manifest.json"
+    store.put_json(
+        BUCKET,
+        key,
+        {
+            "exploration_id": EXPLORATION,
+            "iteration": iteration,
+            "images_bucket": BUCKET,
+            "candidates": [f"images/c{i}" for i in range(4)],
+            "replay": ["images/c0", "images/c1"],
+            "target_bucket": "targets",
+            "target_train": [f"flowers/train/{i}.png" for i in range(6)],
+            "target_eval": [{"key": f"flowers/eval/{label}/{i}.png", "label": label} for label in ("rose", "tulip") for i in range(3)],
+        },
+    )
+    return events_pb2.IterationFinished(exploration_id=EXPLORATION, iteration=iteration, manifest_key=key, candidates=4, replay_selected=2)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_exploration_created_publishes_version_one(trainer, store):
+    trainer.handle_exploration_created(created())
+
+    assert modelrepo.list_versions(trainer.repository, MODEL) == [1]
+    version_dir = trainer.repository / MODEL / "1"
+    assert (version_dir / "model.onnx").is_file() and (trainer.repository / MODEL / "config.pbtxt").is_file()
+    signature = modelrepo.read_onnx_signature(version_dir / "model.onnx")
+    assert signature.image_size == 32
+
+    published = trainer.publisher.of(topics.MODELS)
+    assert len(published) == 1
+    event = published[0]
+    assert (event.model.name, event.model.version, event.iteration) == (MODEL, 1, 0)
+    assert event.checkpoint_key == checkpoint_key(EXPLORATION, 1) == "checkpoints/exp-1/v1.pt"
+    assert (event.image_size, event.embedding_dim) == (32, signature.embedding_dim)
+    assert all(key == EXPLORATION for _, _, key in trainer.publisher.events)
+
+    evaluations = trainer.publisher.of(topics.EVALUATIONS)
+    assert len(evaluations) == 1 and evaluations[0].eval_images == 6 and evaluations[0].iteration == 0
+
+    state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v1.pt"), torch.device("cpu"))
+    assert (state.config.seed, state.config.backbone, state.iteration, state.global_step) == (7, "test_resnet", 0, 0)
+
+    # The served graph embeds exactly as the trainer's own evaluation does.
+    import onnxruntime as ort
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    served = session.run(["embeddings"], {"images": pixels})[0]
+    own = evaluation.embed(state.backbone, torch.from_numpy(pixels).permute(0, 3, 1, 2), state.config.mean, state.config.std, torch.device("cpu"))
+    np.testing.assert_allclose(served, own.numpy(), atol=1e-4)
+
+
+def test_exploration_created_again_republishes_without_rebuilding(trainer, store):
+    trainer.handle_exploration_created(created())
+    store.puts.clear()
+    onnx_before = (trainer.repository / MODEL / "1" / "model.onnx").read_bytes()
+    trainer.handle_exploration_created(created())
+    assert store.puts == []  # no second checkpoint
+    assert (trainer.repository / MODEL / "1" / "model.onnx").read_bytes() == onnx_before
+    first, second = trainer.publisher.of(topics.MODELS)
+    assert (second.model, second.iteration, second.embedding_dim) == (first.model, first.iteration, first.embedding_dim)
+
+
+def test_unsupported_init_and_backbone_are_permanent_errors(trainer, store):
+    with pytest.raises(PermanentError) as init:
+        trainer.handle_exploration_created(created(init="imagenet"))
+    assert init.value.reason == "unsupported_init"
+    with pytest.raises(PermanentError) as backbone:
+        trainer.handle_exploration_created(created(backbone="no_such_net"))
+    assert backbone.value.reason == "unknown_backbone"
+    with pytest.raises(PermanentError):
+        trainer.handle_exploration_created(created(exploration_id="../etc"))
+    assert store.puts == [] and trainer.publisher.events == []
+
+
+def test_iteration_finished_trains_version_two_once(trainer, store):
+    trainer.handle_exploration_created(created())
+    finished = write_manifest(store)
+    trainer.publisher.events.clear()
+
+    trainer.handle_iteration_finished(finished)
+    assert len(trainer.training_runs) == 1
+    assert modelrepo.list_versions(trainer.repository, MODEL) == [1, 2]
+    (event,) = trainer.publisher.of(topics.MODELS)
+    assert (event.model.version, event.iteration) == (2, 1)
+    assert event.train_steps >= 1 and event.final_loss > 0
+    (evaluation,) = trainer.publisher.of(topics.EVALUATIONS)
+    assert evaluation.model.version == 2 and evaluation.eval_images == 6 and 0.0 <= evaluation.knn_top1 <= 1.0
+    state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v2.pt"), torch.device("cpu"))
+    assert state.iteration == 1 and state.global_step == event.train_steps
+    replay = store.get_json(BUCKET, f"explorations/{EXPLORATION}/replay.json")
+    assert replay["iterations"] == {"1": ["s3://iex/images/c0", "s3://iex/images/c1"]}
+
+    # Redelivery: same events, no training, no new checkpoint.
+    store.puts.clear()
+    trainer.handle_iteration_finished(finished)
+    assert len(trainer.training_runs) == 1 and store.puts == []
+    again = trainer.publisher.of(topics.MODELS)[-1]
+    assert (again.model.version, again.train_steps, again.final_loss) == (2, event.train_steps, event.final_loss)
+    assert trainer.publisher.of(topics.EVALUATIONS)[-1].knn_top1 == evaluation.knn_top1
+
+    # Redelivery after the repository lost the version: re-exported from the checkpoint.
+    shutil.rmtree(trainer.repository / MODEL / "2")
+    trainer.handle_iteration_finished(finished)
+    assert len(trainer.training_runs) == 1
+    assert modelrepo.list_versions(trainer.repository, MODEL) == [1, 2]
+
+    # A stale event (older than the newest version) republishes nothing.
+    count = len(trainer.publisher.events)
+    trainer.handle_exploration_created(created())
+    assert len(trainer.publisher.events) == count
+
+
+def test_iteration_problems(trainer, store):
+    finished = write_manifest(store)
+    with pytest.raises(PermanentError) as no_checkpoint:
+        trainer.handle_iteration_finished(finished)
+    assert no_checkpoint.value.reason == "no_checkpoint"
+    with pytest.raises(PermanentError) as missing:
+        trainer.handle_iteration_finished(events_pb2.IterationFinished(exploration_id=EXPLORATION, iteration=1, manifest_key="nope.json"))
+    assert missing.value.reason == "manifest_missing"
+    with pytest.raises(PermanentError):
+        trainer.handle_iteration_finished(events_pb2.IterationFinished(exploration_id=EXPLORATION, iteration=0, manifest_key=finished.manifest_key))
+    store.up = False
+    with pytest.raises(DependencyUnavailable):
+        trainer.handle_iteration_finished(finished)
+
+
+def test_trainer_status(trainer, store):
+    servicer = TrainerStatusServicer(trainer)
+    context = FakeContext()
+    with pytest.raises(AbortCalled):
+        servicer.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(exploration_id="unknown"), context)
+    assert context.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(AbortCalled):
+        servicer.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(exploration_id="bad/id"), context)
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    trainer.handle_exploration_created(created())
+    status = servicer.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(exploration_id=EXPLORATION), context)
+    assert (status.latest_model.name, status.latest_model.version, status.device, status.busy) == (MODEL, 1, "cpu", False)
+    overall = servicer.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(), context)
+    assert overall.latest_model.version == 1
+
+    # A restarted trainer answers from the checkpoints in S3.
+    fresh = TrainerService(trainer.settings)
+    fresh.store = store
+    status = TrainerStatusServicer(fresh).GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(exploration_id=EXPLORATION), context)
+    assert status.latest_model.version == 1
+
+
+def test_settings_require_a_model_repository_and_known_backbone():
+    with pytest.raises(SettingsError, match="IEX_MODEL_REPOSITORY"):
+        load_service_settings(TrainerSettings, "trainer", environ={})
+    with pytest.raises(SettingsError, match="IEX_TRAINER_BACKBONE"):
+        load_service_settings(TrainerSettings, "trainer", environ={"IEX_MODEL_REPOSITORY": "/tmp/x", "IEX_TRAINER_BACKBONE": "nope"})
+    with pytest.raises(SettingsError, match="IEX_TRAINER_INIT"):
+        load_service_settings(TrainerSettings, "trainer", environ={"IEX_MODEL_REPOSITORY": "/tmp/x", "IEX_TRAINER_INIT": "imagenet"})
+    assert model_name_for("a-b-c") == "enc_a_b_c"
