@@ -6,9 +6,18 @@ Prometheus scrape configuration, so that a port is written down once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
+
+# Shifts every port of the table, so that several local stacks (a developer's, a test run's) can
+# share one machine: IEX_PORT_OFFSET=1000 puts the planner on 51051, Kafka on 20092, and so on.
+PORT_OFFSET = int(os.environ.get("IEX_PORT_OFFSET", "0") or 0)
+
+
+def port(base: int) -> int:
+    return base + PORT_OFFSET
 
 
 @dataclass(frozen=True)
@@ -19,21 +28,21 @@ class ServicePorts:
 
 
 SERVICE_PORTS: dict[str, ServicePorts] = {
-    "planner": ServicePorts(grpc=50051, metrics=9101),
-    "crawler": ServicePorts(grpc=50052, metrics=9102),
-    "dedup": ServicePorts(grpc=50053, metrics=9103),
-    "scorer": ServicePorts(grpc=50054, metrics=9104),
-    "trainer": ServicePorts(grpc=50055, metrics=9105),
-    "search": ServicePorts(grpc=50056, metrics=9106, http=18086),
+    "planner": ServicePorts(grpc=port(50051), metrics=port(9101)),
+    "crawler": ServicePorts(grpc=port(50052), metrics=port(9102)),
+    "dedup": ServicePorts(grpc=port(50053), metrics=port(9103)),
+    "scorer": ServicePorts(grpc=port(50054), metrics=port(9104)),
+    "trainer": ServicePorts(grpc=port(50055), metrics=port(9105)),
+    "search": ServicePorts(grpc=port(50056), metrics=port(9106), http=port(18086)),
 }
 
 # Infrastructure servers of the local stack.
-KAFKA_PORT = 19092
-S3_PORT = 18333
-TRITON_HTTP_PORT = 18000
-TRITON_GRPC_PORT = 18001
-TRITON_METRICS_PORT = 18002
-PROMETHEUS_PORT = 19090
+KAFKA_PORT = port(19092)
+S3_PORT = port(18333)
+TRITON_HTTP_PORT = port(18000)
+TRITON_GRPC_PORT = port(18001)
+TRITON_METRICS_PORT = port(18002)
+PROMETHEUS_PORT = port(19090)
 
 DEFAULT_KAFKA_BOOTSTRAP = f"{LOOPBACK}:{KAFKA_PORT}"
 DEFAULT_S3_ENDPOINT = f"{LOOPBACK}:{S3_PORT}"

@@ -15,6 +15,7 @@ import grpc
 
 from iex.v1 import crawler_pb2, crawler_pb2_grpc, events_pb2
 from services.common import topics
+from services.common import endpoints
 from services.common.errors import DependencyUnavailable, PermanentError
 from services.common.kafka import EventContext, Handler, now_timestamp
 from services.common.objectstore import content_key
@@ -71,7 +72,7 @@ class CrawlerSettings(ServiceSettings):
     crawler_user_agent: str = setting(DEFAULT_USER_AGENT, help="User-Agent sent with every download")
     crawler_decode_workers: int = setting(2, help="threads decoding and resizing images (decode is the CPU cost of crawling)", minimum=1, maximum=64)
     crawler_s3_workers: int = setting(8, help="threads writing staged images to S3 in parallel", minimum=1, maximum=64)
-    crawler_local_search_url: str = setting("http://127.0.0.1:18086", help="base URL of the offline-web search service (backend 'local'; POST <url>/knn-service)")
+    crawler_local_search_url: str = setting(f"http://{endpoints.LOOPBACK}:{endpoints.SERVICE_PORTS['search'].http}", help="base URL of the offline-web search service (backend 'local'; POST <url>/knn-service)")
     crawler_local_search_indice: str = setting("", help="indice_name sent to the local search service; empty means its default index")
     crawler_clip_retrieval_url: str = setting("", help="base URL of a clip-retrieval back end (backend 'clip-retrieval'); empty disables it")
     crawler_clip_retrieval_indice: str = setting("laion5B-L-14", help="indice_name sent to the clip-retrieval back end")

@@ -41,10 +41,10 @@ MINIO_MODULE = "github.com/minio/minio"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
 MINIO_MIN_GO = (1, 24)  # the go directive of that commit's go.mod
 
-KAFKA_PORT = 29092
-KAFKA_CONTROLLER_PORT = 29093
-MINIO_PORT = 29000
-MINIO_CONSOLE_PORT = 29001
+KAFKA_PORT = endpoints.port(29092)
+KAFKA_CONTROLLER_PORT = endpoints.port(29093)
+MINIO_PORT = endpoints.port(29000)
+MINIO_CONSOLE_PORT = endpoints.port(29001)
 
 KAFKA_BOOTSTRAP = f"{endpoints.LOOPBACK}:{KAFKA_PORT}"
 MINIO_ENDPOINT = f"{endpoints.LOOPBACK}:{MINIO_PORT}"

@@ -50,17 +50,17 @@ KAFKA_STORAGES = ("memory", "s3")
 # the planner's metrics port; so every one is pinned next to the S3 port, and the optional
 # gateways (WebDAV, Iceberg, Lance) are turned off.
 S3_INTERNAL_PORTS: dict[str, int] = {
-    "master.port": 18340,
-    "master.port.grpc": 18341,
-    "volume.port": 18342,
-    "volume.port.grpc": 18343,
-    "filer.port": 18344,
-    "filer.port.grpc": 18345,
-    "s3.port.grpc": 18346,
-    "admin.port": 18347,
+    "master.port": endpoints.port(18340),
+    "master.port.grpc": endpoints.port(18341),
+    "volume.port": endpoints.port(18342),
+    "volume.port.grpc": endpoints.port(18343),
+    "filer.port": endpoints.port(18344),
+    "filer.port.grpc": endpoints.port(18345),
+    "s3.port.grpc": endpoints.port(18346),
+    "admin.port": endpoints.port(18347),
     # weed's embedded maintenance worker dials the admin server at admin.port + 10000 whatever
     # admin.port.grpc says, so the gRPC port keeps that offset.
-    "admin.port.grpc": 28347,
+    "admin.port.grpc": endpoints.port(28347),
 }
 
 # Variables that point the services at a server; a value other than the local default means

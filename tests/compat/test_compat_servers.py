@@ -105,8 +105,8 @@ def test_servers_listen_on_loopback_only(compat_servers: dict[str, ManagedProces
 
 def test_compat_env_points_at_the_servers() -> None:
     env = compat.compat_env()
-    assert env["IEX_KAFKA_BOOTSTRAP"] == "127.0.0.1:29092"
-    assert env["IEX_S3_ENDPOINT"] == "127.0.0.1:29000"
+    assert env["IEX_KAFKA_BOOTSTRAP"] == f"127.0.0.1:{compat.KAFKA_PORT}"
+    assert env["IEX_S3_ENDPOINT"] == f"127.0.0.1:{compat.MINIO_PORT}"
     assert env["IEX_S3_ACCESS_KEY"] and len(env["IEX_S3_SECRET_KEY"]) >= 8
 
 

@@ -65,7 +65,7 @@ def test_server_ports_are_distinct_and_miss_the_endpoint_table():
 def test_external_endpoint_is_not_started(tmp_path, monkeypatch):
     monkeypatch.setenv("IEX_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("IEX_KAFKA_BOOTSTRAP", "kafka.example:9092")
-    monkeypatch.setenv("IEX_S3_ENDPOINT", "localhost:18333")  # the local default, spelt differently
+    monkeypatch.setenv("IEX_S3_ENDPOINT", f"localhost:{endpoints.S3_PORT}")  # the local default, spelt differently
     assert servers.external_endpoint("kafka") == "IEX_KAFKA_BOOTSTRAP=kafka.example:9092"
     assert servers.external_endpoint("s3") is None
     stack = servers.Stack(servers=["kafka"]).up()

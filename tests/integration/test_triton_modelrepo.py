@@ -24,11 +24,12 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("onnxruntime")
 
+from services.common import endpoints  # noqa: E402
 from services.common import modelrepo as mr  # noqa: E402
 from services.stack import servers  # noqa: E402
 
 # Away from the local stack's Triton ports (18000-18002), so both can run at once.
-HTTP_PORT, GRPC_PORT, METRICS_PORT = 28000, 28001, 28002
+HTTP_PORT, GRPC_PORT, METRICS_PORT = endpoints.port(28000), endpoints.port(28001), endpoints.port(28002)
 MODEL = "encoder"
 SIZE = 64
 MEAN = (0.485, 0.456, 0.406)

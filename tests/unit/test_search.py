@@ -16,6 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
+from services.common.endpoints import SERVICE_PORTS
+
 from iex.v1 import search_pb2, search_pb2_grpc
 from services.common.metrics import Metrics
 from services.common.settings import SettingsError, load_service_settings
@@ -304,7 +306,7 @@ def test_settings_require_a_corpus_directory(tmp_path, corpus_dir):
     with pytest.raises(SettingsError, match="IEX_SEARCH_CORPUS_DIR: .* has no corpus.jsonl"):
         load_service_settings(SearchSettings, "search", environ={"IEX_SEARCH_CORPUS_DIR": str(tmp_path)})
     settings = load_service_settings(SearchSettings, "search", environ={"IEX_SEARCH_CORPUS_DIR": str(corpus_dir)})
-    assert (settings.search_http_port, settings.grpc_port, settings.search_default_index) == (18086, 50056, "offline-web")
+    assert (settings.search_http_port, settings.grpc_port, settings.search_default_index) == (SERVICE_PORTS["search"].http, SERVICE_PORTS["search"].grpc, "offline-web")
 
 
 def test_broken_corpus_is_a_configuration_error(tmp_path):

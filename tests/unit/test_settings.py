@@ -1,12 +1,13 @@
 import pytest
 
 from services.common import settings
+from services.common.endpoints import SERVICE_PORTS
 from services.common.settings import ServiceSettings, SettingsError
 
 
 def test_defaults_and_service_ports():
     s = settings.load_service_settings(ServiceSettings, "planner", environ={})
-    assert s.grpc_port == 50051 and s.metrics_port == 9101
+    assert (s.grpc_port, s.metrics_port) == (SERVICE_PORTS["planner"].grpc, SERVICE_PORTS["planner"].metrics)
     assert s.grpc_host == "127.0.0.1"
 
 
