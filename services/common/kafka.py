@@ -173,6 +173,7 @@ class ConsumerLoop:
         max_poll_records: int = 64,
         after_batch: Callable[[], None] | None = None,
         before_commit: Callable[[], None] | None = None,
+        message_types: Mapping[str, type[Message]] | None = None,
     ) -> None:
         self.config = config
         self.group_id = group_id
@@ -181,6 +182,8 @@ class ConsumerLoop:
         self.max_poll_records = max_poll_records
         self.after_batch = after_batch
         self.before_commit = before_commit
+        # Topics of services.common.topics are known; others (tests, plugins) name their type here.
+        self.message_types = {name: topic.message for name, topic in BY_NAME.items()} | dict(message_types or {})
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -280,7 +283,7 @@ class ConsumerLoop:
         """Handles one record; False only when asked to stop before it could be handled."""
         topic = record.topic
         handler = self.handlers[topic]
-        message_type = BY_NAME[topic].message if topic in BY_NAME else None
+        message_type = self.message_types.get(topic)
         headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in (record.headers or [])}
         context = EventContext(
             topic=topic,

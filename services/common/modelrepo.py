@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -696,6 +696,9 @@ class TritonEncoder:
         self._client = grpcclient.InferenceServerClient(url=self.url, verbose=verbose)
         self._shapes: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
+        # One bound for every thread using this client (consumer and gRPC threads alike), so
+        # the requests a whole replica keeps in flight never exceed max_in_flight.
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -772,48 +775,81 @@ class TritonEncoder:
 
     # -- inference -----------------------------------------------------------------------------
 
-    def embed(self, model_name: str, version: int | None, images: np.ndarray) -> np.ndarray:
+    def embed(
+        self,
+        model_name: str,
+        version: int | None,
+        images: np.ndarray,
+        *,
+        batch_size: int | None = None,
+        on_response: Callable[[int, float], None] | None = None,
+    ) -> np.ndarray:
         """Embeds uint8 images [N, S, S, 3] -> float32 [N, D] with `version` (None: newest ready).
 
-        Batches larger than the model's max_batch_size are split and sent concurrently, at most
-        `max_in_flight` requests at a time, so memory and server queue stay bounded.
+        Images are sent in requests of `batch_size` (default and ceiling: the model's
+        max_batch_size), concurrently, at most `max_in_flight` requests at a time for the whole
+        client, so memory and server queue stay bounded. `on_response(images, seconds)` is
+        called for every successful request (latency and batch-size metrics).
         """
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise InferenceError(f"images must be uint8, got {images.dtype}")
         if images.ndim != 4 or images.shape[3] != 3:
             raise InferenceError(f"images must have shape [N, S, S, 3], got {list(images.shape)}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         chunk, dim = self._model_shape(model_name, version)
+        if batch_size is not None:
+            chunk = min(chunk, batch_size)
         if images.shape[0] == 0:
             return np.zeros((0, dim), dtype=np.float32)
         chunks = [np.ascontiguousarray(images[i : i + chunk]) for i in range(0, images.shape[0], chunk)]
         if len(chunks) == 1:
-            return self._infer(model_name, version, chunks[0])
-        return np.concatenate(self._infer_many(model_name, version, chunks), axis=0)
+            return self._infer(model_name, version, chunks[0], on_response)
+        return np.concatenate(self._infer_many(model_name, version, chunks, on_response), axis=0)
 
     def _inputs(self, array: np.ndarray) -> tuple[list[Any], list[Any]]:
         tensor = self._grpc.InferInput(INPUT_NAME, list(array.shape), "UINT8")
         tensor.set_data_from_numpy(array)
         return [tensor], [self._grpc.InferRequestedOutput(OUTPUT_NAME)]
 
-    def _infer(self, model_name: str, version: int | None, array: np.ndarray) -> np.ndarray:
+    def _infer(
+        self,
+        model_name: str,
+        version: int | None,
+        array: np.ndarray,
+        on_response: Callable[[int, float], None] | None = None,
+    ) -> np.ndarray:
         inputs, outputs = self._inputs(array)
-        try:
-            result = self._client.infer(
-                model_name,
-                inputs,
-                model_version=_version_str(version),
-                outputs=outputs,
-                client_timeout=self.timeout_s,
-            )
-        except self._grpc_exception() as exc:
-            raise _server_error(exc, f"inference on {model_name!r} version {version or 'latest'}") from exc
-        return _as_embeddings(result.as_numpy(OUTPUT_NAME), array.shape[0])
+        with self._slots:
+            started = time.perf_counter()
+            try:
+                result = self._client.infer(
+                    model_name,
+                    inputs,
+                    model_version=_version_str(version),
+                    outputs=outputs,
+                    client_timeout=self.timeout_s,
+                )
+            except self._grpc_exception() as exc:
+                raise _server_error(exc, f"inference on {model_name!r} version {version or 'latest'}") from exc
+            elapsed = time.perf_counter() - started
+        embeddings = _as_embeddings(result.as_numpy(OUTPUT_NAME), array.shape[0])
+        if on_response is not None:
+            on_response(array.shape[0], elapsed)
+        return embeddings
 
-    def _infer_many(self, model_name: str, version: int | None, chunks: list[np.ndarray]) -> list[np.ndarray]:
+    def _infer_many(
+        self,
+        model_name: str,
+        version: int | None,
+        chunks: list[np.ndarray],
+        on_response: Callable[[int, float], None] | None = None,
+    ) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(chunks)
         errors: list[BaseException] = []
-        slots = threading.Semaphore(self.max_in_flight)
+        slots = self._slots
+        started: list[float] = [0.0] * len(chunks)
         done = threading.Event()
         remaining = [len(chunks)]
         lock = threading.Lock()
@@ -824,6 +860,8 @@ class TritonEncoder:
                     errors.append(_server_error(error, f"inference on {model_name!r} version {version or 'latest'}"))
                 else:
                     results[index] = _as_embeddings(result.as_numpy(OUTPUT_NAME), chunks[index].shape[0])
+                    if on_response is not None:
+                        on_response(chunks[index].shape[0], time.perf_counter() - started[index])
             except BaseException as exc:  # noqa: BLE001 - surfaced to the caller below
                 errors.append(exc)
             finally:
@@ -843,6 +881,7 @@ class TritonEncoder:
                         done.set()
                 break
             inputs, outputs = self._inputs(array)
+            started[index] = time.perf_counter()
             try:
                 self._client.async_infer(
                     model_name,
