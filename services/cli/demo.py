@@ -24,6 +24,8 @@ def upload_target(store: ObjectStore, bucket: str, prefix: str, concepts, n_trai
         root = Path(tmp)
         for path in sorted(root.rglob("*.png")):
             store.put_bytes(bucket, f"{prefix}/{path.relative_to(root).as_posix()}", path.read_bytes(), content_type="image/png")
+        # The ground truth travels with the target, for reports and benchmarks.
+        store.put_bytes(bucket, f"{prefix}/target.json", (root / "target.json").read_bytes(), content_type="application/json")
     return f"s3://{bucket}/{prefix}"
 
 
@@ -51,6 +53,10 @@ def run_demo(args) -> int:
     final = stub.GetExploration(planner_pb2.GetExplorationRequest(exploration_id=created.exploration_id)).exploration
     print()
     print(describe(final))
+    from services.cli.report import default_corpus_jsonl, write_report
+
+    report = write_report(stub, store, settings.s3_bucket, created.exploration_id, Path(args.out), default_corpus_jsonl())
+    print(f"\nreport: {report.resolve()}")
     if final.state != common_pb2.EXPLORATION_STATE_SUCCEEDED:
         print(f"iex demo: exploration ended {common_pb2.ExplorationState.Name(final.state)}; service logs are in .iex/logs/", file=sys.stderr)
         return 1

@@ -138,6 +138,20 @@ def cmd_stack(args) -> int:
     return stack_main(args.rest)
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from services.cli.report import default_corpus_jsonl, write_report
+    from services.common import settings as settings_mod
+    from services.common.objectstore import ObjectStore
+
+    settings = settings_mod.load_service_settings(settings_mod.ServiceSettings, "cli")
+    corpus = Path(args.corpus) if args.corpus else default_corpus_jsonl()
+    path = write_report(planner(args.planner), ObjectStore.from_settings(settings), settings.s3_bucket, args.exploration_id, Path(args.out), corpus)
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from services.cli.demo import run_demo
 
@@ -160,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images-per-query", type=int, default=8)
     demo.add_argument("--mode", default="random", choices=["ie", "random", "labels", "labels-only"])
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the exploration")
+    demo.add_argument("--out", default="reports", help="where the report is written")
     demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="write a Markdown report with plots for an exploration")
+    report.add_argument("exploration_id")
+    report.add_argument("--out", default="reports", help="directory for <exploration_id>/report.md and its plots")
+    report.add_argument("--corpus", help="corpus.jsonl with the ground truth (default: the search service's corpus)")
+    report.set_defaults(func=cmd_report)
 
     explore = sub.add_parser("explore", help="explorations")
     esub = explore.add_subparsers(dest="command", required=True)

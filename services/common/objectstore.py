@@ -14,7 +14,7 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import S3Error
 
-from services.common.errors import DependencyUnavailable
+from services.common.errors import DependencyUnavailable, PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,23 @@ T = TypeVar("T")
 
 # Errors that mean "the object is not there", never retried.
 _ABSENT = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+# Errors that mean "this request can never succeed" (a malformed key, a bad argument). Reported as
+# an outage, a key taken from a hostile event would make its consumer retry the record forever.
+_INVALID = {"InvalidRequest", "InvalidArgument", "InvalidObjectName", "XMinioInvalidObjectName", "KeyTooLongError", "InvalidURI", "InvalidBucketName"}
+
+
+PROBE_TIMEOUT_S = 2.0
+
+
+class InvalidObjectRequest(PermanentError, ValueError):
+    """S3 (or the client library, before sending) refused the request itself: no retry can succeed.
+
+    A PermanentError, so a Kafka handler's record is dead-lettered with reason invalid_s3_request;
+    a ValueError, so callers validating their input keep working.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid_s3_request", detail)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -62,6 +79,11 @@ class ObjectStore:
             maxsize=16,
         )
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http)
+        # Readiness probes get their own short timeouts: with the 30 s read timeout above, a hung S3
+        # (accepting connections, answering nothing) kept a service SERVING for the whole outage
+        # and stalled its health loop (found by the chaos suite's S3 freeze).
+        probe_http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=PROBE_TIMEOUT_S), retries=False, maxsize=2)
+        self._probe = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=probe_http)
         self.endpoint = endpoint
         self.attempts = attempts
         self.base_delay_s = base_delay_s
@@ -78,7 +100,12 @@ class ObjectStore:
             except S3Error as exc:
                 if exc.code in _ABSENT or exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                     raise
+                if exc.code in _INVALID:
+                    raise InvalidObjectRequest(f"{what[:200]}: {exc.code}") from exc
                 error: Exception = exc
+            except (ValueError, TypeError) as exc:
+                # The minio client checks bucket and object names before sending ('..' segments, empty names).
+                raise InvalidObjectRequest(f"{what[:200]}: {exc or type(exc).__name__}") from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = exc
             if attempt == self.attempts:
@@ -100,7 +127,7 @@ class ObjectStore:
 
     def ping(self) -> bool:
         try:
-            self.client.list_buckets()
+            self._probe.list_buckets()
             return True
         except Exception:  # noqa: BLE001 - health probe: any failure means not ready
             return False

@@ -2,8 +2,9 @@
 
 A service declares its gRPC servicers, the topics it consumes and its dependencies; this module runs
 the rest: JSON logs, /metrics, topics, the gRPC server with health (reflecting real dependencies),
-reflection and metrics interceptor, the consumer loop, and a graceful drain on SIGTERM
-(NOT_SERVING, stop consuming, commit, stop the server with grace).
+reflection and metrics interceptor, TLS / mTLS and caller authentication (services.common.security),
+the consumer loop, and a graceful drain on SIGTERM (NOT_SERVING, stop consuming, commit, stop the
+server with grace).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import logs, metrics, settings as settings_mod
+from services.common import logs, metrics, security, settings as settings_mod
 from services.common.errors import DependencyUnavailable
 from services.common.kafka import ConsumerLoop, Handler, KafkaConfig, Publisher, ensure_topics
 from services.common.objectstore import ObjectStore
@@ -59,6 +60,9 @@ class Service:
         self.settings = settings
         self.metrics = metrics.Metrics(self.name)
         self.kafka_config = KafkaConfig.from_settings(settings, self.max_poll_interval_ms)
+        security.refuse_builtin_s3_credentials(settings)
+        # TLS files and tokens are checked here, so a wrong one stops the service before it starts.
+        self.security = security.ServerSecurity(settings, self.protected_methods())
         self.store = ObjectStore.from_settings(settings)
         self.publisher: Publisher | None = None
         self.consumer: ConsumerLoop | None = None
@@ -70,6 +74,10 @@ class Service:
         self.dependency_gauge = self.metrics.gauge("dependency_up", "1 when the dependency answered the last check", ["dependency"])
 
     # ---- hooks -------------------------------------------------------------------------------
+    def protected_methods(self) -> frozenset[str]:
+        """Full gRPC method names that need credentials when IEX_AUTH_REQUIRED is on."""
+        return security.PROTECTED_METHODS
+
     def register(self, server: grpc.Server) -> list[str]:
         """Adds servicers to the server; returns their full service names (for health and reflection)."""
         return []
@@ -128,14 +136,15 @@ class Service:
 
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"{self.name}-grpc"),
-            interceptors=[metrics.ServerMetricsInterceptor(self.metrics)],
+            # Metrics outermost, so refused calls are counted with their code.
+            interceptors=[metrics.ServerMetricsInterceptor(self.metrics), *self.security.interceptors(self.metrics)],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reuseport", 0)],
         )
         names = self.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self._service_names = names
-        bound = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        bound = self.security.add_port(self.server, f"{s.grpc_host}:{s.grpc_port}")
         if bound == 0:
             raise RuntimeError(f"cannot bind gRPC port {s.grpc_host}:{s.grpc_port} (IEX_GRPC_PORT)")
         self.server.start()
@@ -154,7 +163,10 @@ class Service:
             )
             self.consumer.start()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
-        log.info("started", extra={"grpc": f"{s.grpc_host}:{s.grpc_port}", "metrics": s.metrics_port, "settings": str(settings_mod.redacted(s))})
+        log.info(
+            "started",
+            extra={"grpc": f"{s.grpc_host}:{s.grpc_port}", "metrics": s.metrics_port, "security": self.security.describe(), "settings": str(settings_mod.redacted(s))},
+        )
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

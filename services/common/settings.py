@@ -34,9 +34,11 @@ def setting(
 ) -> Any:
     """A settings field with documentation and bounds, checked when loaded."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "secret": secret}
+    # Secrets stay out of the dataclass repr, so a settings object in a log line or a traceback
+    # cannot carry one.
     if default is dataclasses.MISSING:
-        return field(metadata=metadata)
-    return field(default=default, metadata=metadata)
+        return field(metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 def env_name(field_name: str) -> str:
@@ -149,6 +151,18 @@ class ServiceSettings:
     triton_grpc_url: str = setting(endpoints.DEFAULT_TRITON_GRPC, help="Triton gRPC endpoint host:port")
     model_repository: str = setting("", help="Triton model repository directory shared by trainer and Triton")
     drain_grace_s: float = setting(10.0, help="seconds to finish in-flight work after SIGTERM", minimum=0)
+    # Transport security and caller authentication (services.common.security; docs/security.md).
+    tls_cert: str = setting("", help="PEM certificate chain the gRPC server presents (TLS on when set with IEX_TLS_KEY); also this process's client certificate under mTLS")
+    tls_key: str = setting("", help="PEM private key of IEX_TLS_CERT")
+    tls_ca: str = setting("", help="PEM CA bundle: verifies client certificates (server side) and the services this process calls (client side)")
+    tls_require_client_cert: bool = setting(False, help="mTLS: refuse connections without a client certificate signed by IEX_TLS_CA")
+    tls_server_name: str = setting("", help="name expected in other services' certificates when calling them (default: the host of the address)")
+    auth_required: bool = setting(False, help="protected RPCs (the planner's Create/Pause/Resume/Cancel, the crawler's ProbeUrl) need a bearer token or an accepted client certificate; on in the Helm chart")
+    auth_tokens: str = setting("", help="accepted bearer tokens, comma separated, each 'name:token' or 'token' (at least 16 characters; names are logged, tokens never)", secret=True)
+    auth_tokens_file: str = setting("", help="file of accepted tokens, one 'name:token' or 'token' per line; re-read when it changes (rotation without restart)")
+    auth_client_identities: tuple[str, ...] = setting((), help="client-certificate identities (CN or DNS/URI SAN) accepted for protected RPCs under mTLS; '*' accepts any certificate IEX_TLS_CA signed")
+    auth_protect: str = setting("mutating", help="RPCs needing credentials when IEX_AUTH_REQUIRED: 'mutating' or 'all' (every RPC except health and reflection)", choices=("mutating", "all"))
+    auth_token: str = setting("", help="bearer token this process presents when calling another service's protected RPCs (the iex CLI reads it too)", secret=True)
 
     def with_defaults(self: T) -> T:
         """Fills ports left at 0 from the service's row in the endpoint table."""

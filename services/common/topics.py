@@ -31,6 +31,7 @@ IMAGES_STORED = Topic("iex.dedup.images-stored.v1", events_pb2.ImageStored, "pix
 IMAGES_SCORED = Topic("iex.scorer.images-scored.v1", events_pb2.ImageScored, "exploration_id")
 MODELS_SERVING = Topic("iex.scorer.models-serving.v1", events_pb2.ModelServing, "exploration_id")
 MODEL_LOAD_FAILED = Topic("iex.scorer.model-load-failed.v1", events_pb2.ModelLoadFailed, "exploration_id")
+CONCEPT_REWARDS = Topic("iex.scorer.concept-rewards.v1", events_pb2.ConceptRewardUpdated, "exploration_id")
 MODELS = Topic("iex.trainer.models.v1", events_pb2.ModelPublished, "exploration_id")
 EVALUATIONS = Topic("iex.trainer.evaluations.v1", events_pb2.EvaluationFinished, "exploration_id")
 
@@ -45,6 +46,7 @@ ALL: tuple[Topic, ...] = (
     IMAGES_SCORED,
     MODELS_SERVING,
     MODEL_LOAD_FAILED,
+    CONCEPT_REWARDS,
     MODELS,
     EVALUATIONS,
 )

@@ -79,6 +79,15 @@ class ImageRefused(Exception):
         self.detail = detail
 
 
+def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size an image is staged at: longest side max_side, ratio kept, never enlarged."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
@@ -108,7 +117,9 @@ def process_image(raw: bytes, policy: ImagePolicy) -> ProcessedImage:
         try:
             if kind == JPEG and not keep_original:
                 # DCT-domain downscaling: decodes a 4000 px JPEG at 1/8 the cost when we only keep 256 px.
-                image.draft("RGB", (policy.max_side, policy.max_side))
+                # Asked for the final size (not a max_side square, which the short side would never
+                # reach), so every JPEG larger than twice the target decodes reduced.
+                image.draft("RGB", target_size(width, height, policy.max_side))
             image.load()
             if keep_original:
                 # Already small and in a format we stage as is: the fetched bytes are the staged bytes.
@@ -132,7 +143,9 @@ def _reencode(image: Image.Image, kind: str, policy: ImagePolicy, source_width: 
         image = image.convert(wanted_mode)
     # Area averaging (BOX), like img2dataset's default INTER_AREA: the cheapest filter that does not
     # alias when shrinking, and resizing is most of the crawler's CPU time.
-    image.thumbnail((policy.max_side, policy.max_side), Image.Resampling.BOX)
+    size = target_size(image.width, image.height, policy.max_side)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BOX)
     buffer = io.BytesIO()
     if out_format == JPEG:
         image.save(buffer, format=JPEG, quality=policy.jpeg_quality)

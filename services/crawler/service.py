@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from services.crawler.addresses import parse_networks
 from services.crawler.backends import (
     BackendRegistry,
     ClipRetrievalBackend,
+    SearchBackend,
     SearchCache,
     SearchError,
     SearchFailed,
@@ -36,11 +38,18 @@ from services.crawler.backends import (
 )
 from services.crawler.fetch import DEFAULT_USER_AGENT, MAX_URL_LENGTH, BackgroundDownloader, FetchPolicy, FetchResult, url_problem
 from services.crawler.images import ImagePolicy
+from services.crawler.json_api import JsonApiBackend, JsonApiSpec, parse_header_lines
+from services.crawler.openverse import ANONYMOUS_PAGE_SIZE, DEFAULT_OPENVERSE_URL, OpenverseBackend
+from services.crawler.persist import S3AnswerStore, S3OutcomeStore
+from services.crawler.robots import DEFAULT_NOAI_DIRECTIVES
 
 log = logging.getLogger(__name__)
 
 LOCAL_BACKEND = "local"
 CLIP_RETRIEVAL_BACKEND = "clip-retrieval"
+OPENVERSE_BACKEND = "openverse"
+JSON_BACKEND = "json"
+BACKEND_NAMES = (LOCAL_BACKEND, CLIP_RETRIEVAL_BACKEND, OPENVERSE_BACKEND, JSON_BACKEND)
 STAGING_PREFIX = "staging"
 
 SIZE_BUCKETS = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6)
@@ -49,10 +58,11 @@ QUERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 @dataclass(frozen=True)
 class CrawlerSettings(ServiceSettings):
-    crawler_concurrency: int = setting(64, help="downloads in flight at once (all hosts together)", minimum=1, maximum=4096)
+    # ---- downloads --------------------------------------------------------------------------
+    crawler_concurrency: int = setting(64, help="images in flight at once (download and decode, all hosts together)", minimum=1, maximum=4096)
     crawler_per_host: int = setting(16, help="downloads in flight at once to one host", minimum=1, maximum=1024)
     crawler_connect_timeout_s: float = setting(5.0, help="seconds to establish one TCP/TLS connection", minimum=0.1)
-    crawler_total_timeout_s: float = setting(15.0, help="seconds for the network part of one URL (all redirect hops and the body)", minimum=0.1)
+    crawler_total_timeout_s: float = setting(15.0, help="seconds for the network part of one attempt at a URL (robots.txt, all redirect hops and the body)", minimum=0.1)
     crawler_query_deadline_s: float = setting(
         120.0,
         help="seconds for all downloads of one query; URLs unfinished by then count as timeout (keeps a poll batch under the consumer's max poll interval)",
@@ -60,42 +70,113 @@ class CrawlerSettings(ServiceSettings):
         maximum=140.0,
     )
     crawler_max_bytes: int = setting(8 * 1024 * 1024, help="largest response body read; longer bodies are abandoned (too_large)", minimum=1024)
+    crawler_max_bytes_in_flight: int = setting(
+        256 * 1024 * 1024,
+        help="response bytes held in memory at once by all downloads (bodies read or being decoded); a body without Content-Length is charged crawler_max_bytes. Must be >= crawler_max_bytes",
+        minimum=1024,
+    )
+    crawler_retries: int = setting(2, help="further attempts at a URL after a transient failure (connection reset, 408, 429, 5xx); never after 404, not_image, too_large, blocked_address or a timeout", minimum=0, maximum=10)
+    crawler_retry_backoff_s: float = setting(0.5, help="seconds before the first retry of a URL, doubled for each next one (with jitter)", minimum=0.0)
+    crawler_retry_backoff_max_s: float = setting(8.0, help="longest wait before a retry; a server asking (Retry-After) for longer is not retried", minimum=0.0)
     crawler_max_pixels: int = setting(40_000_000, help="largest width*height announced by an image header (decompression-bomb guard)", minimum=1)
     crawler_min_side: int = setting(32, help="smallest accepted width or height in pixels (too_small)", minimum=1)
     crawler_max_aspect: float = setting(4.0, help="largest accepted long side / short side (bad_aspect)", minimum=1.0)
     crawler_max_side: int = setting(256, help="longest side of the staged image; larger images are downscaled and re-encoded (PNG stays PNG, JPEG stays JPEG)", minimum=16, maximum=4096)
+    crawler_jpeg_quality: int = setting(90, help="JPEG quality of re-encoded (downscaled) JPEGs", minimum=30, maximum=100)
     crawler_max_redirects: int = setting(5, help="redirect hops followed, each re-checked (redirect_loop beyond)", minimum=0, maximum=20)
     crawler_allow_networks: tuple[str, ...] = setting(
         (),
         help="CIDRs the crawler may fetch from although they are not public (loopback, private, link-local); empty refuses them all. The local stack sets 127.0.0.0/8",
     )
-    crawler_user_agent: str = setting(DEFAULT_USER_AGENT, help="User-Agent sent with every download")
-    crawler_decode_workers: int = setting(2, help="threads decoding and resizing images (decode is the CPU cost of crawling)", minimum=1, maximum=64)
+    crawler_user_agent: str = setting(DEFAULT_USER_AGENT, help="User-Agent sent with every download; its product token (before '/') is the name robots.txt and X-Robots-Tag rules are matched against")
+    crawler_respect_robots: bool = setting(True, help="honour robots.txt (RFC 9309) of every origin fetched from (status robots); turn off only for your own servers")
+    crawler_robots_ttl_s: float = setting(3600.0, help="seconds a robots.txt answer is reused for its origin", minimum=0.0)
+    crawler_noai_directives: tuple[str, ...] = setting(
+        DEFAULT_NOAI_DIRECTIVES,
+        help="X-Robots-Tag directives that refuse an image (status noai), comma separated; add noindex,noimageindex to match img2dataset's defaults; empty ignores the header",
+    )
+    crawler_decode_workers: int = setting(2, help="threads (or processes) decoding and resizing images: decoding is the CPU cost of crawling", minimum=1, maximum=64)
+    crawler_decode_processes: bool = setting(False, help="decode in worker processes instead of threads (Pillow releases the GIL while decoding, so threads are usually enough)")
     crawler_s3_workers: int = setting(8, help="threads writing staged images to S3 in parallel", minimum=1, maximum=64)
+    crawler_persist_outcomes: bool = setting(
+        True,
+        help="write each query's events to S3 (crawler/outcomes/) before publishing them, so a query redelivered to any replica republishes the same events instead of crawling again",
+    )
+    # ---- search backends ----------------------------------------------------------------------
     crawler_local_search_url: str = setting(f"http://{endpoints.LOOPBACK}:{endpoints.SERVICE_PORTS['search'].http}", help="base URL of the offline-web search service (backend 'local'; POST <url>/knn-service)")
     crawler_local_search_indice: str = setting("", help="indice_name sent to the local search service; empty means its default index")
     crawler_clip_retrieval_url: str = setting("", help="base URL of a clip-retrieval back end (backend 'clip-retrieval'); empty disables it")
     crawler_clip_retrieval_indice: str = setting("laion5B-L-14", help="indice_name sent to the clip-retrieval back end")
-    crawler_default_backend: str = setting(LOCAL_BACKEND, help="backend used when a query names none", choices=(LOCAL_BACKEND, CLIP_RETRIEVAL_BACKEND))
+    crawler_openverse_url: str = setting("", help=f"base URL of Openverse's API (backend 'openverse'), e.g. {DEFAULT_OPENVERSE_URL}; empty disables it")
+    crawler_openverse_client_id: str = setting("", help="Openverse client id (registered applications get larger pages and rate limits); empty: anonymous")
+    crawler_openverse_client_secret: str = setting("", help="Openverse client secret, with the client id", secret=True)
+    crawler_openverse_page_size: int = setting(ANONYMOUS_PAGE_SIZE, help="results per Openverse page (anonymous clients: at most 20)", minimum=1, maximum=500)
+    crawler_openverse_license_type: str = setting("", help="Openverse license_type filter, e.g. 'commercial,modification'; empty: all")
+    crawler_openverse_licenses: str = setting("", help="Openverse license filter, e.g. 'cc0,by,by-sa'; empty: all")
+    crawler_openverse_thumbnails: bool = setting(False, help="download Openverse's thumbnails instead of the original files")
+    crawler_json_url: str = setting("", help="URL template of a generic JSON search API (backend 'json'), with {query} and {num_results}; empty disables it")
+    crawler_json_method: str = setting("GET", help="HTTP method of the JSON API", choices=("GET", "POST"))
+    crawler_json_body: str = setting("", help='JSON body template for POST, e.g. {"q": "{query}", "limit": "{num_results}"}')
+    crawler_json_results_path: str = setting("", help="dotted path to the list of results in the answer ('' = the answer is the list)")
+    crawler_json_url_field: str = setting("url", help="dotted path to the image URL inside one result")
+    crawler_json_caption_field: str = setting("caption", help="dotted path to the caption inside one result; empty: none")
+    crawler_json_score_field: str = setting("", help="dotted path to a relevance score inside one result; empty: the rank decides")
+    crawler_json_id_field: str = setting("id", help="dotted path to an identifier inside one result; empty: none")
+    crawler_json_headers: str = setting("", help="extra request headers of the JSON API, 'Name: value' separated by ';;' (an API key, for instance)", secret=True)
+    crawler_default_backend: str = setting(LOCAL_BACKEND, help="backend used when a query names none", choices=BACKEND_NAMES)
     crawler_search_timeout_s: float = setting(10.0, help="seconds for one search request", minimum=0.1)
     crawler_search_attempts: int = setting(3, help="attempts of one search on transient failures before the query is retried later", minimum=1, maximum=20)
     crawler_default_results: int = setting(100, help="results requested when a query asks for none (the paper uses 100)", minimum=1, maximum=10_000)
     crawler_max_results: int = setting(1000, help="most results requested for one query", minimum=1, maximum=10_000)
-    crawler_search_cache_entries: int = setting(4096, help="search answers kept for repeated (backend, text, n) queries; 0 disables the cache", minimum=0)
+    crawler_search_cache_entries: int = setting(4096, help="search answers kept in memory for repeated (backend, text, n) queries; 0 disables the cache", minimum=0)
     crawler_search_cache_ttl_s: float = setting(6 * 3600.0, help="seconds a cached search answer stays valid; 0 keeps it until evicted", minimum=0)
-    crawler_replay_memory: int = setting(1024, help="recent crawl outcomes kept to republish identical events when a query is redelivered", minimum=0)
+    crawler_search_cache_shared: bool = setting(True, help="also keep search answers in S3 (crawler/search-answers/), shared by every replica and across restarts")
+    crawler_replay_memory: int = setting(1024, help="recent crawl outcomes kept in memory to republish identical events when a query is redelivered", minimum=0)
 
     def __post_init__(self) -> None:
         try:
             parse_networks(self.crawler_allow_networks)
         except ValueError as exc:
             raise SettingsError(f"IEX_CRAWLER_ALLOW_NETWORKS: {exc}") from None
-        for name in ("crawler_local_search_url", "crawler_clip_retrieval_url"):
+        for name in ("crawler_local_search_url", "crawler_clip_retrieval_url", "crawler_openverse_url", "crawler_json_url"):
             url = getattr(self, name)
             if url and urlsplit(url).scheme not in ("http", "https"):
                 raise SettingsError(f"IEX_{name.upper()}: must be an http(s) URL, got {url!r}")
-        if self.crawler_default_backend == CLIP_RETRIEVAL_BACKEND and not self.crawler_clip_retrieval_url:
-            raise SettingsError("IEX_CRAWLER_DEFAULT_BACKEND: clip-retrieval needs IEX_CRAWLER_CLIP_RETRIEVAL_URL")
+        if self.crawler_max_bytes_in_flight < self.crawler_max_bytes:
+            raise SettingsError(f"IEX_CRAWLER_MAX_BYTES_IN_FLIGHT: must be >= IEX_CRAWLER_MAX_BYTES ({self.crawler_max_bytes}), got {self.crawler_max_bytes_in_flight}")
+        if bool(self.crawler_openverse_client_id) != bool(self.crawler_openverse_client_secret):
+            raise SettingsError("IEX_CRAWLER_OPENVERSE_CLIENT_ID: needs IEX_CRAWLER_OPENVERSE_CLIENT_SECRET too (and the other way round)")
+        if self.crawler_json_url:
+            if self.crawler_json_body:
+                try:
+                    json.loads(self.crawler_json_body)
+                except ValueError as exc:
+                    raise SettingsError(f"IEX_CRAWLER_JSON_BODY: not JSON ({exc})") from None
+            try:
+                self.json_api_spec()
+            except ValueError as exc:
+                raise SettingsError(f"IEX_CRAWLER_JSON_URL: {exc}") from None
+        enabled = {
+            CLIP_RETRIEVAL_BACKEND: self.crawler_clip_retrieval_url,
+            OPENVERSE_BACKEND: self.crawler_openverse_url,
+            JSON_BACKEND: self.crawler_json_url,
+        }
+        if self.crawler_default_backend in enabled and not enabled[self.crawler_default_backend]:
+            variable = {CLIP_RETRIEVAL_BACKEND: "IEX_CRAWLER_CLIP_RETRIEVAL_URL", OPENVERSE_BACKEND: "IEX_CRAWLER_OPENVERSE_URL", JSON_BACKEND: "IEX_CRAWLER_JSON_URL"}
+            raise SettingsError(f"IEX_CRAWLER_DEFAULT_BACKEND: {self.crawler_default_backend} needs {variable[self.crawler_default_backend]}")
+
+    def json_api_spec(self) -> JsonApiSpec:
+        return JsonApiSpec(
+            url=self.crawler_json_url,
+            method=self.crawler_json_method,
+            body=json.loads(self.crawler_json_body) if self.crawler_json_body else None,
+            results_path=self.crawler_json_results_path,
+            url_field=self.crawler_json_url_field,
+            caption_field=self.crawler_json_caption_field,
+            score_field=self.crawler_json_score_field,
+            id_field=self.crawler_json_id_field,
+            headers=parse_header_lines(self.crawler_json_headers),
+        )
 
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(
@@ -104,30 +185,51 @@ class CrawlerSettings(ServiceSettings):
             connect_timeout_s=self.crawler_connect_timeout_s,
             total_timeout_s=self.crawler_total_timeout_s,
             max_bytes=self.crawler_max_bytes,
+            max_bytes_in_flight=self.crawler_max_bytes_in_flight,
             max_redirects=self.crawler_max_redirects,
+            retries=self.crawler_retries,
+            retry_backoff_s=self.crawler_retry_backoff_s,
+            retry_backoff_max_s=self.crawler_retry_backoff_max_s,
             allow_networks=self.crawler_allow_networks,
             user_agent=self.crawler_user_agent,
+            respect_robots=self.crawler_respect_robots,
+            robots_ttl_s=self.crawler_robots_ttl_s,
+            noai_directives=self.crawler_noai_directives,
             decode_workers=self.crawler_decode_workers,
+            decode_processes=self.crawler_decode_processes,
             image=ImagePolicy(
                 max_pixels=self.crawler_max_pixels,
                 min_side=self.crawler_min_side,
                 max_aspect=self.crawler_max_aspect,
                 max_side=self.crawler_max_side,
+                jpeg_quality=self.crawler_jpeg_quality,
             ),
         )
 
 
-def build_registry(s: CrawlerSettings) -> BackendRegistry:
-    backends = {
-        LOCAL_BACKEND: ClipRetrievalBackend(
-            LOCAL_BACKEND, s.crawler_local_search_url, s.crawler_local_search_indice, s.crawler_search_timeout_s, s.crawler_search_attempts
-        )
+def build_registry(s: CrawlerSettings, shared: S3AnswerStore | None = None) -> BackendRegistry:
+    timing = dict(timeout_s=s.crawler_search_timeout_s, attempts=s.crawler_search_attempts)
+    backends: dict[str, SearchBackend] = {
+        LOCAL_BACKEND: ClipRetrievalBackend(LOCAL_BACKEND, s.crawler_local_search_url, s.crawler_local_search_indice, **timing)
     }
     if s.crawler_clip_retrieval_url:
-        backends[CLIP_RETRIEVAL_BACKEND] = ClipRetrievalBackend(
-            CLIP_RETRIEVAL_BACKEND, s.crawler_clip_retrieval_url, s.crawler_clip_retrieval_indice, s.crawler_search_timeout_s, s.crawler_search_attempts
+        backends[CLIP_RETRIEVAL_BACKEND] = ClipRetrievalBackend(CLIP_RETRIEVAL_BACKEND, s.crawler_clip_retrieval_url, s.crawler_clip_retrieval_indice, **timing)
+    if s.crawler_openverse_url:
+        backends[OPENVERSE_BACKEND] = OpenverseBackend(
+            OPENVERSE_BACKEND,
+            s.crawler_openverse_url,
+            client_id=s.crawler_openverse_client_id,
+            client_secret=s.crawler_openverse_client_secret,
+            page_size=s.crawler_openverse_page_size,
+            license_type=s.crawler_openverse_license_type,
+            licenses=s.crawler_openverse_licenses,
+            use_thumbnails=s.crawler_openverse_thumbnails,
+            **timing,
         )
-    return BackendRegistry(backends, s.crawler_default_backend, SearchCache(s.crawler_search_cache_entries, s.crawler_search_cache_ttl_s))
+    if s.crawler_json_url:
+        backends[JSON_BACKEND] = JsonApiBackend(JSON_BACKEND, s.json_api_spec(), **timing)
+    cache = SearchCache(s.crawler_search_cache_entries, s.crawler_search_cache_ttl_s)
+    return BackendRegistry(backends, s.crawler_default_backend, cache, shared)
 
 
 @dataclass(frozen=True)
@@ -141,8 +243,8 @@ class CrawlOutcome:
 class ReplayMemory:
     """Recent crawl outcomes by query: a redelivered query republishes exactly the same events.
 
-    Only in memory: after a restart a redelivered query is crawled again, which republishes the same
-    events unless the web changed in between (downstream dedups by (exploration, query, raw sha, url)).
+    The in-memory front of S3OutcomeStore (persist.py), which makes the same true across replicas
+    and restarts; with outcomes not persisted, a redelivery after a restart crawls again.
     """
 
     def __init__(self, max_entries: int) -> None:
@@ -181,6 +283,8 @@ class CrawlerService(Service):
         self.registry = build_registry(settings)
         self.downloader = BackgroundDownloader(settings.fetch_policy())
         self.replay = ReplayMemory(settings.crawler_replay_memory)
+        self._answers: S3AnswerStore | None = None
+        self._outcomes: S3OutcomeStore | None = None
         self._s3_pool = ThreadPoolExecutor(max_workers=settings.crawler_s3_workers, thread_name_prefix="crawler-s3")
         self._totals_lock = threading.Lock()
         self._queries_crawled = 0
@@ -197,9 +301,17 @@ class CrawlerService(Service):
         self.search_requests = m.counter("search_requests_total", "Search requests, by backend and outcome", ["backend", "outcome"])
         self.search_seconds = m.histogram("search_duration_seconds", "Time of one search request that reached the backend", ["backend"])
         self.staged_objects = m.counter("staged_objects_total", "Staging writes, by outcome (written, existing)", ["outcome"])
-        self.replayed = m.counter("queries_replayed_total", "Redelivered queries answered from the replay memory")
+        self.replayed = m.counter("queries_replayed_total", "Redelivered queries answered from a recorded outcome instead of crawling again", ["source"])
         self.in_flight_gauge = m.gauge("fetches_in_flight", "Downloads in flight")
         self.in_flight_gauge.set_function(lambda: self.downloader.in_flight)
+        self.bytes_in_flight_gauge = m.gauge("fetch_bytes_in_flight", "Response bytes reserved by downloads in flight (capped by IEX_CRAWLER_MAX_BYTES_IN_FLIGHT)")
+        self.bytes_in_flight_gauge.set_function(lambda: self.downloader.bytes_in_flight)
+        self.retries_counter = m.counter("fetch_retries_total", "Further attempts at URLs after transient failures")
+        self.robots_counter = m.counter("robots_fetches_total", "robots.txt requests sent (one per origin and expiry)")
+        self._reported = {"retries": 0, "robots": 0}
+        # Every status shows up (at 0) from the start, so rate() and alerts see a series before the first refusal.
+        for name in status.ALL:
+            self.urls_total.labels(status=name)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def register(self, server: grpc.Server) -> list[str]:
@@ -224,16 +336,44 @@ class CrawlerService(Service):
         self._s3_pool.shutdown(wait=True)
 
     # ---- the handler ---------------------------------------------------------------------------
+    def _answer_store(self) -> S3AnswerStore | None:
+        if not self.settings.crawler_search_cache_shared:
+            return None
+        # Rebuilt if the object store is swapped (tests do), never per call otherwise.
+        if self._answers is None or self._answers.store is not self.store:
+            self._answers = S3AnswerStore(self.store, self.settings.s3_bucket)
+        return self._answers
+
+    def _outcome_store(self) -> S3OutcomeStore | None:
+        if not self.settings.crawler_persist_outcomes:
+            return None
+        if self._outcomes is None or self._outcomes.store is not self.store:
+            self._outcomes = S3OutcomeStore(self.store, self.settings.s3_bucket)
+        return self._outcomes
+
     def handle_query(self, query: events_pb2.QueryIssued, ctx: EventContext | None = None) -> None:
         assert self.publisher is not None, "publisher not started"
         memory_key = (query.exploration_id, query.query_id)
         outcome = self.replay.get(memory_key)
         if outcome is not None:
-            self.replayed.inc()
+            self.replayed.labels(source="memory").inc()
             self._publish(outcome)
             return
+        outcomes = self._outcome_store()
+        if outcomes is not None and query.exploration_id and query.query_id:
+            recorded = outcomes.get(query.exploration_id, query.query_id)
+            if recorded is not None:
+                # Crawled before (by this replica before a restart, or by one that died mid-publish).
+                outcome = CrawlOutcome(*recorded)
+                self.replay.put(memory_key, outcome)
+                self.replayed.labels(source="s3").inc()
+                self._publish(outcome)
+                return
         with self.query_seconds.time():
             outcome = self._crawl(query)
+        if outcomes is not None:
+            # Durable before the first event goes out: whoever publishes this query again publishes these.
+            outcomes.put(outcome.fetched, outcome.crawled)
         self.replay.put(memory_key, outcome)
         self._publish(outcome)
         with self._totals_lock:
@@ -296,6 +436,7 @@ class CrawlerService(Service):
 
     def _search(self, backend: str, text: str, num_results: int) -> tuple[SearchHit, ...]:
         started = time.perf_counter()
+        self.registry.shared = self._answer_store()
         try:
             answer = self.registry.search(backend, text, num_results)
         except SearchUnavailable as exc:
@@ -314,15 +455,24 @@ class CrawlerService(Service):
         return answer.hits
 
     def _record(self, results: list[FetchResult]) -> None:
+        # The downloader keeps plain totals (it knows nothing of metrics); report what grew since last time.
+        for name, counter, total in (
+            ("retries", self.retries_counter, self.downloader.retries_total),
+            ("robots", self.robots_counter, self.downloader.robots_fetches),
+        ):
+            grown = total - self._reported[name]
+            if grown > 0:
+                counter.inc(grown)
+                self._reported[name] = total
         for r in results:
             self.urls_total.labels(status=r.status).inc()
             self.fetch_seconds.labels(outcome="ok" if r.ok else "refused").observe(r.elapsed_s)
             if r.downloaded_bytes:
                 self.downloaded_bytes.inc(r.downloaded_bytes)
+            # Refusals are counted, never logged one by one (a query can refuse a thousand URLs);
+            # ProbeUrl tells why one URL fails.
             if r.ok:
                 self.staged_bytes.observe(r.size_bytes)
-            elif r.status in (status.CONNECTION_ERROR, status.HTTP_ERROR, status.DECODE_ERROR):
-                log.debug("url refused", extra={"url": r.url[:300], "status": r.status, "detail": r.detail})
 
     def _stage(self, results: list[FetchResult]) -> None:
         bucket = self.settings.s3_bucket

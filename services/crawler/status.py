@@ -14,6 +14,10 @@ HTTP_ERROR = "http_error"
 CONNECTION_ERROR = "connection_error"
 REDIRECT_LOOP = "redirect_loop"
 BAD_URL = "bad_url"
+# robots.txt of the image's origin (or of a redirect hop's) disallows our user agent.
+ROBOTS = "robots"
+# The answer carried X-Robots-Tag noai / noimageai (or another configured opt-out directive).
+NOAI = "noai"
 
 REFUSALS: tuple[str, ...] = (
     TIMEOUT,
@@ -27,6 +31,8 @@ REFUSALS: tuple[str, ...] = (
     CONNECTION_ERROR,
     REDIRECT_LOOP,
     BAD_URL,
+    ROBOTS,
+    NOAI,
 )
 
 ALL: tuple[str, ...] = (OK, *REFUSALS)

@@ -7,12 +7,17 @@ Publishes iex.dedup.decisions.v1     (ImageDecision, key exploration id) for eve
 
 Idempotence: see services.dedup.store. A redelivered image re-publishes its recorded decision (and
 ImageStored) unchanged, so an event lost between the record and the commit is published again.
+
+Near-duplicates are looked up in the index of every stored image, shared by the replicas through S3
+(services.dedup.sharedindex): loaded before consuming starts, flushed and refreshed between batches.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
+import threading
 import time
 
 import grpc
@@ -24,14 +29,17 @@ from services.common.kafka import EventContext
 from services.common.service import Service
 from services.dedup.api import SERVICE_NAME, DedupApi
 from services.dedup.explorations import ExplorationDirectory, PlannerExplorationLookup, PlannerLookup, valid_id
+from services.dedup.reindex import rebuild
 from services.dedup.settings import DedupSettings
+from services.dedup.sharedindex import IndexTimings, SharedNearIndex
 from services.dedup.stats import DedupStats
-from services.dedup.store import Deduplicator, DedupOutcome, DedupPolicy, kind_label
+from services.dedup.store import NEAR_DUPLICATE, Deduplicator, DedupOutcome, DedupPolicy, kind_label
 from services.dedup.targets import TargetGuard
 
 log = logging.getLogger(__name__)
 
 PIPELINE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+DISTANCE_BUCKETS = (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32, 48, 64)
 
 
 class DedupService(Service):
@@ -61,6 +69,28 @@ class DedupService(Service):
         )
         self.target_loads_total = m.counter("target_hash_loads_total", "Target evaluation hashes (re)loaded, by where from", ["source"])
         self.explorations_total = m.counter("explorations_learned_total", "Exploration -> target associations recorded")
+        self.near_distance = m.histogram(
+            "near_duplicate_distance", "pHash + dHash distance of near-duplicate decisions to the image they duplicate", buckets=DISTANCE_BUCKETS
+        )
+        self.index_errors_total = m.counter("near_index_maintenance_errors_total", "Failed flushes, refreshes or merges of the shared index")
+
+        replica = settings.replica_id or socket.gethostname()
+        # One writer name per process: a restarted replica's leftovers are another writer's, adopted like any orphan.
+        self.near = SharedNearIndex(
+            self.store,
+            bucket,
+            writer=f"{replica}-{secrets.token_hex(3)}",
+            max_distance=settings.near_duplicate_max_distance,
+            timings=IndexTimings(
+                refresh_s=settings.near_index_refresh_s,
+                flush_s=settings.near_index_flush_s,
+                wal_grace_s=settings.near_index_wal_grace_s,
+                orphan_after_s=settings.near_index_orphan_after_s,
+                max_segments=settings.near_index_max_segments,
+            ),
+            metrics=m,
+        )
+        self._rebuild_thread: threading.Thread | None = None
 
         self.guard = TargetGuard(
             self.store,
@@ -75,10 +105,10 @@ class DedupService(Service):
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
             min_image_side=settings.min_image_side,
-            contamination_max_hamming=settings.contamination_max_hamming,
+            contamination_max_distance=settings.contamination_max_distance,
         )
-        self.deduplicator = Deduplicator(self.store, bucket, self.guard, policy)
-        self.stats = DedupStats(self.store, bucket, settings.replica_id or socket.gethostname(), settings.stats_persist_interval_s)
+        self.deduplicator = Deduplicator(self.store, bucket, self.guard, policy, near=self.near)
+        self.stats = DedupStats(self.store, bucket, replica, settings.stats_persist_interval_s)
 
     # ---- hooks -------------------------------------------------------------------------------
     def register(self, server: grpc.Server) -> list[str]:
@@ -94,18 +124,57 @@ class DedupService(Service):
     def on_start(self) -> None:
         super().on_start()
         self.stats.load()
+        self.load_near_index()
+
+    def load_near_index(self) -> None:
+        """Loads the shared index before the first decision; an index never built is rebuilt in the background."""
+        started = time.monotonic()
+        initialised = self.near.load()
+        log.info("near-duplicate index loaded", extra={"entries": len(self.near), "seconds": round(time.monotonic() - started, 2)})
+        if not initialised and self._rebuild_thread is None:
+            # Objects stored before this index (version) existed: decisions go on meanwhile, with
+            # near-duplicates of not yet reindexed images missed, not wrongly found.
+            self._rebuild_thread = threading.Thread(target=self._rebuild_index, name="near-index-rebuild", daemon=True)
+            self._rebuild_thread.start()
+
+    def _rebuild_index(self) -> None:
+        try:
+            added = rebuild(self.near, workers=self.settings.target_hash_workers)
+            log.info("near-duplicate index rebuilt from the stored objects", extra={"entries_added": added, "entries": len(self.near)})
+        except Exception as exc:  # noqa: BLE001 - retried by the next start; decisions go on without it
+            self.index_errors_total.inc()
+            log.warning("near-duplicate index rebuild failed", extra={"error": str(exc)[:300]})
+
+    def maintain_near_index(self) -> None:
+        """Between batches: our new entries out (flush), the others' in (refresh), orphans adopted, segments merged."""
+        try:
+            self.near.flush()
+            if self.near.refresh():
+                orphans = self.near.orphans()
+                if orphans:
+                    adopted = self.near.adopt(orphans, self.deduplicator.complete_intent)
+                    log.info("orphaned index intents adopted", extra={"intents": len(orphans), "adopted": adopted})
+                self.near.compact()
+        except Exception as exc:  # noqa: BLE001 - entries stay durable as intents; retried after the next batch
+            self.index_errors_total.inc()
+            log.warning("near-duplicate index maintenance failed", extra={"error": str(exc)[:300]})
 
     def after_batch(self) -> None:
         try:
             self.stats.persist()
         except Exception as exc:  # noqa: BLE001 - counts are written again later; never stop consuming for them
             log.warning("could not write decision counts", extra={"error": str(exc)[:300]})
+        self.maintain_near_index()
 
     def on_stop(self) -> None:
         try:
             self.stats.persist(force=True)
         except Exception as exc:  # noqa: BLE001 - shutting down: report and go
             log.warning("could not write decision counts", extra={"error": str(exc)[:300]})
+        try:
+            self.near.flush(force=True)
+        except Exception as exc:  # noqa: BLE001 - the entries stay durable as intents, adopted by another replica
+            log.warning("could not flush the near-duplicate index", extra={"error": str(exc)[:300]})
         close = getattr(self.planner_lookup, "close", None)
         if close is not None:
             close()
@@ -120,6 +189,8 @@ class DedupService(Service):
             return outcome
         kind = kind_label(outcome.decision.kind)
         self.decisions_total.labels(kind=kind).inc()
+        if outcome.decision.kind == NEAR_DUPLICATE:
+            self.near_distance.observe(outcome.decision.hamming_distance)
         self.decision_seconds.labels(kind=kind).observe(time.perf_counter() - started)
         if fetched.HasField("fetched_at"):
             age = outcome.decision.decided_at.ToNanoseconds() - fetched.fetched_at.ToNanoseconds()

@@ -20,16 +20,44 @@ class DedupSettings(ServiceSettings):
         DEFAULT_MAX_PIXELS, help="decompression-bomb guard: images with more pixels are INVALID (checked before decoding)", minimum=1
     )
     min_image_side: int = setting(16, help="images with a side shorter than this (tracking pixels, icons) are INVALID (too_small)", minimum=1)
-    contamination_max_hamming: int = setting(
-        8,
+    near_duplicate_max_distance: int = setting(
+        20,
         help=(
-            "an image whose dHash and pHash are both within this many bits of one target evaluation image "
-            "contaminates the target; -1: identical pixels only"
+            "an image whose pHash + dHash Hamming distance (0-128) to a stored image is at most this is a near-duplicate "
+            "of it and is not stored; -1: exact duplicates only (bench/dedup measures precision and recall per threshold)"
         ),
         minimum=-1,
-        maximum=32,
+        maximum=64,
+    )
+    contamination_max_distance: int = setting(
+        22,
+        help=(
+            "an image whose pHash + dHash Hamming distance to one target evaluation image is at most this contaminates "
+            "the target and is never stored; -1: identical pixels only"
+        ),
+        minimum=-1,
+        maximum=64,
+    )
+    near_index_refresh_s: float = setting(
+        5.0, help="seconds between listings of the shared near-duplicate index in S3 (what other replicas stored)", minimum=0.1
+    )
+    near_index_flush_s: float = setting(
+        2.0, help="seconds between writes of this replica's new index entries as one segment (how soon other replicas see them)", minimum=0.1
+    )
+    near_index_wal_grace_s: float = setting(
+        20.0,
+        help="another replica's write-ahead index entry still listed after this many seconds is loaded (its writer should have flushed it)",
+        minimum=0,
+    )
+    near_index_orphan_after_s: float = setting(
+        120.0, help="another replica's write-ahead index entry still listed after this many seconds is folded into a segment here", minimum=1
+    )
+    near_index_max_segments: int = setting(
+        24, help="more index segments than this in S3 are merged (smallest first), bounding what a starting replica reads", minimum=2
     )
     target_refresh_s: float = setting(600.0, help="seconds before a target's evaluation listing is checked again for changes", minimum=1)
     target_hash_workers: int = setting(4, help="threads fetching and hashing target evaluation images", minimum=1, maximum=64)
     stats_persist_interval_s: float = setting(10.0, help="seconds between writes of this replica's decision counts to S3", minimum=0)
-    replica_id: str = setting("", help="name of this replica's counts in S3 (dedup/stats/<id>.json); empty: the host name")
+    replica_id: str = setting(
+        "", help="name of this replica's counts in S3 (dedup/stats/<id>.json) and of its index segments; empty: the host name"
+    )

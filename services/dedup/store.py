@@ -10,6 +10,12 @@ Object layout (bucket IEX_S3_BUCKET):
 `<url hash>` is the first 16 hex digits of sha256(url): one image found by one query under two URLs
 gets two decisions (the second an exact duplicate of the first).
 
+The decision, in order: INVALID (policy, decoding) -> CONTAMINATES_TARGET (the exploration's target
+evaluation split, services.dedup.targets) -> EXACT_DUPLICATE (an object with the same pixel sha) ->
+NEAR_DUPLICATE (a stored image within `near_duplicate_max_distance` in the shared index,
+services.dedup.sharedindex) -> UNIQUE (stored). A duplicate credits its query and URL to the object it
+duplicates (a provenance record under that object) instead of storing anything.
+
 Crash safety. The decision record is written last, after everything it describes, and the service
 publishes only after `decide_and_store` returns; the consumer commits only after publishing. So:
 - a redelivered image whose record exists is answered from the record, unchanged (no new decision,
@@ -17,12 +23,17 @@ publishes only after `decide_and_store` returns; the consumer commits only after
 - a crash anywhere before the record is written just redoes the decision. The one step that would
   decide differently on a redo is the exact-duplicate check (the image would find its own object),
   so each object's metadata names its first finder (exploration, query, raw sha256, URL hash) and a
-  redo by that finder is the same UNIQUE decision again.
+  redo by that finder is the same UNIQUE decision again;
+- an accepted image's index entry is made durable (a write-ahead intent) before its object, so no
+  crash leaves a stored image out of the near-duplicate index. An intent whose object was never
+  written is completed by whoever meets it (`complete_intent`): same bytes, same first-finder
+  metadata, so the first finder's redo is still UNIQUE and nothing refers to a missing object.
 
 Known limit: two different files with identical pixels decided at the same moment on two replicas
 (fetched images are keyed by raw sha256, so they can land on different partitions) may both be
 called UNIQUE; they write the same key with the same pixels, so storage stays correct and only the
 counts see two new images. A conditional put (If-None-Match) closes this where the store supports it.
+The same window for near-duplicates is described in services.dedup.sharedindex.
 """
 
 from __future__ import annotations
@@ -38,11 +49,24 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from iex.v1 import common_pb2, events_pb2
-from services.common.errors import PermanentError
+from services.common.errors import DependencyUnavailable, PermanentError
 from services.common.objectstore import content_key, parse_s3_uri
 from services.dedup.encoding import encode_for_storage
 from services.dedup.explorations import valid_id
-from services.dedup.hashing import DEFAULT_MAX_PIXELS, HASH_VERSION, ImageHashes, ImageRejected, decode_image, hash_hex, image_hashes, raw_sha256
+from services.dedup.hashing import (
+    DEFAULT_MAX_PIXELS,
+    HASH_VERSION,
+    ImageHashes,
+    ImageRejected,
+    decode_image,
+    hash_hex,
+    image_hashes,
+    pixel_sha256_of,
+    raw_sha256,
+)
+from services.dedup.nearindex import NearMatch
+from services.dedup.segments import Intent
+from services.dedup.sharedindex import SharedNearIndex
 from services.dedup.targets import TargetHashes
 
 log = logging.getLogger(__name__)
@@ -55,8 +79,12 @@ RECORD_VERSION = 1
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
+# A near-duplicate lookup that meets this many entries whose object is lost gives up (and retries).
+MAX_LOST_INTENTS_PER_DECISION = 16
+
 UNIQUE = common_pb2.DECISION_KIND_UNIQUE
 EXACT_DUPLICATE = common_pb2.DECISION_KIND_EXACT_DUPLICATE
+NEAR_DUPLICATE = common_pb2.DECISION_KIND_NEAR_DUPLICATE
 CONTAMINATES_TARGET = common_pb2.DECISION_KIND_CONTAMINATES_TARGET
 INVALID = common_pb2.DECISION_KIND_INVALID
 
@@ -125,8 +153,9 @@ class DedupPolicy:
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     min_image_side: int = 16
-    # Both dHash and pHash within this many bits of one evaluation image: contamination. -1: exact pixels only.
-    contamination_max_hamming: int = 8
+    # pHash + dHash distance to one evaluation image at or below which an image contaminates the
+    # target; -1: identical pixels only.
+    contamination_max_distance: int = 22
 
 
 @dataclass(frozen=True)
@@ -145,11 +174,13 @@ class Guard(Protocol):
 
 
 class Deduplicator:
-    def __init__(self, store, bucket: str, guard: Guard, policy: DedupPolicy = DedupPolicy()) -> None:
+    def __init__(self, store, bucket: str, guard: Guard, policy: DedupPolicy = DedupPolicy(), near: SharedNearIndex | None = None) -> None:
         self.store = store
         self.bucket = bucket
         self.guard = guard
         self.policy = policy
+        # None: exact duplicates only.
+        self.near = near
 
     # ---- the whole decision ------------------------------------------------------------------
     def decide_and_store(self, fetched: events_pb2.ImageFetched) -> DedupOutcome:
@@ -172,31 +203,45 @@ class Deduplicator:
             return self._invalid(fetched, "raw_sha256_mismatch"), None, ""
         try:
             decoded = decode_image(data, self.policy.max_image_pixels, self.policy.min_image_side)
+            hashes = image_hashes(data, decoded, self.policy.max_image_pixels)
         except ImageRejected as exc:
             return self._invalid(fetched, exc.reason), None, ""
-        hashes = image_hashes(decoded.rgb)
 
-        match = self.guard.for_exploration(fetched.exploration_id).match(hashes, self.policy.contamination_max_hamming)
+        match = self.guard.for_exploration(fetched.exploration_id).match(hashes, self.policy.contamination_max_distance)
         if match is not None:
             decision = self._decision(fetched, CONTAMINATES_TARGET, hashes.pixel_sha256)
             decision.contaminated_target_id = match.target_id
-            decision.hamming_distance = match.hamming_distance
+            decision.hamming_distance = match.distance
             decision.reason = "exact_pixels" if match.exact else "near_hash"
             return DedupOutcome(decision, None), hashes, ""
 
         object_key = image_key(hashes.pixel_sha256)
-        existing = self.store.stat_metadata(self.bucket, object_key)
+        existing = self._existing_object(hashes.pixel_sha256, fetched)
         bytes_written = 0
+        near: NearMatch | None = None
         if existing is None:
-            encoding = encode_for_storage(data, decoded, hashes.pixel_sha256, self.policy.max_image_pixels)
-            metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
-            self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=metadata)
-            kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
-        elif is_first_finder(existing, fetched):
+            near = self._near_match(hashes)
+        if existing is not None and is_first_finder(existing, fetched):
             # Our own object from an attempt that crashed before its decision record.
             kind, size, stored_format = UNIQUE, _int(existing.get("size-bytes")), existing.get("format", "")
-        else:
+            self._ensure_indexed(fetched, hashes, existing)
+        elif existing is not None:
             kind, size, stored_format = EXACT_DUPLICATE, 0, existing.get("format", "")
+        elif near is not None:
+            kind, size, stored_format = NEAR_DUPLICATE, 0, ""
+        else:
+            encoding = encode_for_storage(data, decoded, hashes.pixel_sha256, self.policy.max_image_pixels)
+            metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
+            indexed = self._indexable(hashes)
+            if indexed:
+                bucket, staging_key = self._staged_location(fetched)
+                self.near.write_intent(
+                    Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, metadata, self.near.writer)
+                )
+            self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=metadata)
+            if indexed:
+                self.near.stored(hashes.pixel_sha256)
+            kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
 
         decision = self._decision(fetched, kind, hashes.pixel_sha256)
         decision.object_key = object_key
@@ -215,17 +260,99 @@ class Deduplicator:
                 size_bytes=size,
                 stored_at=decision.decided_at,
             )
-        else:
+        elif kind == EXACT_DUPLICATE:
             decision.reason = "same_pixels"
             decision.duplicate_of = hashes.pixel_sha256
+        else:
+            decision.reason = "near_hash"
+            decision.duplicate_of = near.pixel_sha256
+            decision.hamming_distance = near.distance
+            decision.object_key = image_key(near.pixel_sha256)
         self._write_provenance(fetched, decision)
         return DedupOutcome(decision, stored, bytes_written=bytes_written), hashes, stored_format
 
+    # ---- the shared near-duplicate index -----------------------------------------------------
+    def _indexable(self, hashes: ImageHashes) -> bool:
+        return self.near is not None and hashes.informative
+
+    def _near_match(self, hashes: ImageHashes) -> NearMatch | None:
+        if not self._indexable(hashes) or self.near.max_distance < 0:
+            return None
+        for _ in range(MAX_LOST_INTENTS_PER_DECISION):
+            match = self.near.nearest(hashes.phash, hashes.dhash, exclude=hashes.pixel_sha256)
+            if match is None:
+                return None
+            intent = self.near.intent(match.pixel_sha256)
+            if intent is None or self.complete_intent(intent):
+                return match
+            # An entry whose object can never exist: gone from the index, look again.
+        raise DependencyUnavailable("too many near-duplicate candidates without an object; retrying the image later")
+
+    def _existing_object(self, pixel_sha: str, fetched: events_pb2.ImageFetched) -> dict[str, str] | None:
+        """The stored object's metadata; an intent of another finder for these pixels is completed first."""
+        existing = self.store.stat_metadata(self.bucket, image_key(pixel_sha))
+        if existing is not None or self.near is None:
+            return existing
+        intent = self.near.intent(pixel_sha)
+        if intent is None or is_first_finder(intent.metadata, fetched):
+            return None  # nothing stored, or our own attempt that died before its object: redone below
+        if not self.complete_intent(intent):
+            return None
+        return self.store.stat_metadata(self.bucket, image_key(pixel_sha))
+
+    def _ensure_indexed(self, fetched: events_pb2.ImageFetched, hashes: ImageHashes, metadata: dict[str, str]) -> None:
+        """A redone UNIQUE decision: its entry was made durable before its object; keep it in memory too."""
+        if not self._indexable(hashes):
+            return
+        if hashes.pixel_sha256 in self.near:
+            self.near.confirm(hashes.pixel_sha256)  # known through the intent: the object exists
+            return
+        bucket, staging_key = self._staged_location(fetched)
+        self.near.write_intent(
+            Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, dict(metadata), self.near.writer)
+        )
+        self.near.stored(hashes.pixel_sha256)
+
+    def complete_intent(self, intent: Intent) -> bool:
+        """Makes sure the object of an intent exists, writing it as its first finder would have; False if it cannot."""
+        outcome = self._complete(intent)
+        if self.near is not None:
+            self.near.metrics.completed.labels(outcome=outcome).inc()
+        if outcome == "lost":
+            log.warning("intent without object or staged bytes dropped", extra={"pixel_sha256": intent.pixel_sha256})
+            if self.near is not None:
+                self.near.drop(intent.pixel_sha256)
+            return False
+        if self.near is not None:
+            self.near.confirm(intent.pixel_sha256)
+        return True
+
+    def _complete(self, intent: Intent) -> str:
+        key = image_key(intent.pixel_sha256)
+        if self.store.stat_metadata(self.bucket, key) is not None:
+            return "present"
+        data = self.store.get_or_none(intent.staging_bucket, intent.staging_key)
+        if data is None or raw_sha256(data) != intent.raw_sha256:
+            return "lost"
+        try:
+            decoded = decode_image(data, self.policy.max_image_pixels)
+        except ImageRejected:
+            return "lost"
+        if pixel_sha256_of(decoded.rgb) != intent.pixel_sha256:
+            return "lost"
+        encoding = encode_for_storage(data, decoded, intent.pixel_sha256, self.policy.max_image_pixels)
+        metadata = {**intent.metadata, "format": encoding.label, "size-bytes": str(len(encoding.data))}
+        self.store.put_bytes(self.bucket, key, encoding.data, content_type=encoding.content_type, metadata=metadata)
+        return "written"
+
     # ---- pieces ------------------------------------------------------------------------------
+    def _staged_location(self, fetched: events_pb2.ImageFetched) -> tuple[str, str]:
+        if fetched.staging_key.startswith("s3://"):
+            return parse_s3_uri(fetched.staging_key)
+        return self.bucket, fetched.staging_key
+
     def _staged_bytes(self, fetched: events_pb2.ImageFetched) -> bytes:
-        bucket, key = self.bucket, fetched.staging_key
-        if key.startswith("s3://"):
-            bucket, key = parse_s3_uri(key)
+        bucket, key = self._staged_location(fetched)
         data = self.store.get_or_none(bucket, key)
         if data is None:
             raise PermanentError("staging_missing", fetched.staging_key[:200])
@@ -250,12 +377,16 @@ class Deduplicator:
         return DedupOutcome(decision, None)
 
     def _write_provenance(self, fetched: events_pb2.ImageFetched, decision: events_pb2.ImageDecision) -> None:
-        # Keyed by (image, exploration, query, URL): a redo overwrites the same object.
+        # Credited to the object the decision points at (a near-duplicate's is another image's);
+        # keyed by (object, exploration, query, URL): a redo overwrites the same object.
+        stored_sha = decision.duplicate_of if decision.kind == NEAR_DUPLICATE else decision.pixel_sha256
         self.store.put_json(
             self.bucket,
-            provenance_key(decision.pixel_sha256, fetched.exploration_id, fetched.query_id, fetched.url),
+            provenance_key(stored_sha, fetched.exploration_id, fetched.query_id, fetched.url),
             {
-                "pixel_sha256": decision.pixel_sha256,
+                "pixel_sha256": stored_sha,
+                "fetched_pixel_sha256": decision.pixel_sha256,
+                "hamming_distance": decision.hamming_distance,
                 "exploration_id": fetched.exploration_id,
                 "iteration": fetched.iteration,
                 "query_id": fetched.query_id,
@@ -293,6 +424,8 @@ def object_metadata(fetched: events_pb2.ImageFetched, width: int, height: int, h
         "hash-version": HASH_VERSION,
         "dhash": hash_hex(hashes.dhash),
         "phash": hash_hex(hashes.phash),
+        # "flat" pictures are never matched by distance (hashing.MIN_LOW_FREQUENCY_AMPLITUDE).
+        "perceptual": "informative" if hashes.informative else "flat",
         "format": stored_format,
         "size-bytes": str(size),
     }
@@ -320,7 +453,9 @@ def record_of(key: str, outcome: DedupOutcome, hashes: ImageHashes | None, store
         "decision_key": key,
         "decision": json_format.MessageToDict(outcome.decision, preserving_proto_field_name=True),
         "stored": None if outcome.stored is None else json_format.MessageToDict(outcome.stored, preserving_proto_field_name=True),
-        "hashes": None if hashes is None else {"hash_version": HASH_VERSION, "dhash": hash_hex(hashes.dhash), "phash": hash_hex(hashes.phash)},
+        "hashes": None
+        if hashes is None
+        else {"hash_version": HASH_VERSION, "dhash": hash_hex(hashes.dhash), "phash": hash_hex(hashes.phash), "informative": hashes.informative},
         "stored_format": stored_format,
     }
 

@@ -5,9 +5,10 @@ is trained on. TargetGuard hashes every image under `<target_uri>/eval/` once, c
 S3 (`dedup/target-hashes/<sha256(target_uri)>.json`, shared by replicas and restarts, recomputed
 when the listing or the hash version changes) and in memory (re-listed every `refresh_s`).
 
-A web image contaminates the target when its pixel sha equals an evaluation image's, or when both
-its dHash and its pHash are within `max_hamming` bits of the same evaluation image (two independent
-hashes agreeing keeps false positives on simple, flat images rare).
+A web image contaminates the target when its pixel sha equals an evaluation image's, or when its
+distance to one (pHash + dHash Hamming distance, as for near-duplicates) is at most `max_distance`.
+Flat pictures (no low-frequency content: hashing.PerceptualHashes.informative) are compared by
+identity only, on either side: their hash bits are noise.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ _NOT_IMAGES = (".txt", ".json", ".csv", ".md", ".xml", ".yaml", ".yml", ".html")
 class TargetMatch:
     # s3:// URI of the evaluation image matched.
     target_id: str
-    # The larger of the dHash and pHash distances (0 for identical pixels).
-    hamming_distance: int
+    # pHash + dHash Hamming distance (0 for identical pixels).
+    distance: int
     # Identical pixels, not only close hashes.
     exact: bool = False
 
@@ -53,6 +54,7 @@ class TargetHashes:
     pixel_sha256: list[str] = field(default_factory=list)
     dhash: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     phash: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    informative: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     skipped: int = 0
 
     def __post_init__(self) -> None:
@@ -61,16 +63,17 @@ class TargetHashes:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def match(self, hashes: ImageHashes, max_hamming: int) -> TargetMatch | None:
+    def match(self, hashes: ImageHashes, max_distance: int) -> TargetMatch | None:
         exact_id = self._exact.get(hashes.pixel_sha256)
         if exact_id is not None:
             return TargetMatch(exact_id, 0, exact=True)
-        if max_hamming < 0 or not self.ids:
+        if max_distance < 0 or not self.ids or not hashes.informative:
             return None
-        worst = np.maximum(hamming_many(hashes.dhash, self.dhash), hamming_many(hashes.phash, self.phash))
-        best = int(np.argmin(worst))
-        if int(worst[best]) <= max_hamming:
-            return TargetMatch(self.ids[best], int(worst[best]))
+        distance = hamming_many(hashes.dhash, self.dhash) + hamming_many(hashes.phash, self.phash)
+        distance = np.where(self.informative, distance, 129)
+        best = int(np.argmin(distance))
+        if int(distance[best]) <= max_distance:
+            return TargetMatch(self.ids[best], int(distance[best]))
         return None
 
     def to_json(self) -> dict:
@@ -80,8 +83,8 @@ class TargetHashes:
             "fingerprint": self.fingerprint,
             "skipped": self.skipped,
             "images": [
-                {"id": i, "pixel_sha256": s, "dhash": hash_hex(int(d)), "phash": hash_hex(int(p))}
-                for i, s, d, p in zip(self.ids, self.pixel_sha256, self.dhash, self.phash, strict=True)
+                {"id": i, "pixel_sha256": s, "dhash": hash_hex(int(d)), "phash": hash_hex(int(p)), "informative": bool(f)}
+                for i, s, d, p, f in zip(self.ids, self.pixel_sha256, self.dhash, self.phash, self.informative, strict=True)
             ],
         }
 
@@ -95,6 +98,7 @@ class TargetHashes:
             pixel_sha256=[image["pixel_sha256"] for image in images],
             dhash=np.array([parse_hash_hex(image["dhash"]) for image in images], dtype=np.uint64),
             phash=np.array([parse_hash_hex(image["phash"]) for image in images], dtype=np.uint64),
+            informative=np.array([bool(image.get("informative", True)) for image in images], dtype=bool),
             skipped=int(value.get("skipped", 0)),
         )
 
@@ -186,7 +190,7 @@ class TargetGuard:
             if data is None:
                 return None
             try:
-                return image_hashes(decode_image(data, self.max_pixels).rgb)
+                return image_hashes(data, decode_image(data, self.max_pixels), self.max_pixels)
             except ImageRejected:
                 return None
 
@@ -201,5 +205,6 @@ class TargetGuard:
             pixel_sha256=[h.pixel_sha256 for _, h in kept],
             dhash=np.array([h.dhash for _, h in kept], dtype=np.uint64),
             phash=np.array([h.phash for _, h in kept], dtype=np.uint64),
+            informative=np.array([h.informative for _, h in kept], dtype=bool),
             skipped=len(keys) - len(kept),
         )

@@ -1,8 +1,13 @@
 """The planner service: the exploration API and the loop's conductor.
 
-It owns every exploration's record (persisted in S3 before offsets are committed), issues queries,
-decides when a query and an iteration are complete, hands the iteration to the trainer, and moves
-on when the scorer serves the new model.
+It owns every exploration's record (persisted in S3 before offsets are committed), decides when a
+query and an iteration are complete, hands the iteration to the trainer, and moves on when the scorer
+serves the new model. Choosing the next queries (the GP posterior over the vocabulary, sampling,
+descriptors) takes seconds, so it runs on a planning thread, outside the consumer and the records'
+lock: the loop only asks for "iteration n" (`pending_iteration`, persisted), and the planning thread
+turns the request into queries, persists the plan, then publishes it. A restarted planner finds
+those requests and unpublished plans in S3 and carries them out, so no iteration is skipped and no
+finished query is issued again.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import grpc
@@ -26,14 +32,22 @@ from services.common.objectstore import parse_s3_uri
 from services.common.rewards import concept_reward
 from services.common.service import Service
 from services.common.settings import ServiceSettings, setting
-from services.planner import sampling
+from services.planner import descriptors as descriptor_sources
+from services.planner import distributions, planning
 from services.planner.state import ACCEPTED, TERMINAL, ExplorationRecord, IterationState, QueryState, decision_id, sum_counts
 from services.planner.validation import InvalidField, SpecDefaults, check_exploration_id, normalise_spec
+from services.planner.vocabulary import CUSTOM, WORDNET, EmbeddingCache, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
 
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "explorations"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+MODES = {
+    common_pb2.EXPLORATION_MODE_IE: "ie",
+    common_pb2.EXPLORATION_MODE_RANDOM: "uniform",
+    common_pb2.EXPLORATION_MODE_LABELS: "labels",
+    common_pb2.EXPLORATION_MODE_LABELS_ONLY: "uniform",
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,25 @@ class PlannerSettings(ServiceSettings):
     planner_iteration_deadline_s: int = setting(1800, help="seconds an iteration collects before moving on with what arrived", minimum=1)
     planner_replay_fraction: float = setting(0.5, help="share of an iteration's images, best rewards first, kept in the replay buffer", minimum=0.0, maximum=1.0)
     planner_concept_top: int = setting(10, help="concept reward = mean of this many best image rewards of its query", minimum=1)
-    planner_spread: float = setting(3.0, help="(max - min) / tau of the sampling softmax", minimum=0.01)
+    planner_spread: float = setting(3.0, help="(max - min) / tau of the sampling softmax when a request leaves spec.sampling.spread at 0", minimum=0.01)
+    planner_default_vocabulary: str = setting(
+        "wordnet", help="vocabulary of requests that bring no concepts: 'wordnet' (146,347 WordNet noun concepts) or 'none' (concepts required)", choices=("wordnet", "none")
+    )
+    planner_default_descriptors: str = setting("none", help="descriptor source when a request leaves spec.descriptors empty", choices=descriptor_sources.SOURCES)
+    planner_vocabulary_cache_dir: str = setting("", help="local cache of vocabulary embeddings; empty: $XDG_CACHE_HOME (or ~/.cache)/iex/vocabularies")
+    planner_preload_vocabulary: bool = setting(False, help="load (or build) the default vocabulary's embeddings at start instead of on first use")
+    planner_gp_noise: float = setting(0.1, help="GP observation noise variance on standardised rewards, when a request leaves it at 0", minimum=1e-6)
+    planner_gp_rank: int = setting(512, help="rank of the vocabulary kernel factor the approximate GP uses", minimum=16, maximum=8192)
+    planner_gp_exact_max: int = setting(
+        0, help="distinct observed concepts up to which the GP is exact; 0: automatic (exact while no slower than the approximation)", minimum=0
+    )
+    planner_gp_normalize: bool = setting(True, help="standardise concept rewards before the GP (scikit-learn's normalize_y)")
+    planner_device: str = setting("auto", help="torch device of the reward model: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    planner_llm_url: str = setting("", help="OpenAI-compatible base URL for LLM descriptors (e.g. http://vllm:8000/v1); empty disables 'llm'")
+    planner_llm_model: str = setting("", help="model name sent to the LLM endpoint")
+    planner_llm_api_key: str = setting("", help="bearer token for the LLM endpoint", secret=True)
+    planner_llm_timeout_s: float = setting(10.0, help="seconds to wait for one LLM completion request", minimum=0.1)
+    planner_distribution_rows: int = setting(10_000, help="rows of each iteration's distribution stored with their concept names (TopConcepts reads them)", minimum=1)
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -73,6 +105,8 @@ class Explorations:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.dirty: set[str] = set()
+        # Serialises writers so a slower, older snapshot never overwrites a newer one.
+        self._write_lock = threading.Lock()
 
     def state_key(self, exploration_id: str) -> str:
         return f"{STATE_PREFIX}/{exploration_id}/state.json"
@@ -94,21 +128,25 @@ class Explorations:
         self.changed.notify_all()
 
     def persist_dirty(self) -> None:
-        with self.lock:
-            pending = [(eid, self.records[eid].to_json()) for eid in sorted(self.dirty)]
-            self.dirty.clear()
-        try:
-            for eid, data in pending:
-                self.store.put_json(self.bucket, self.state_key(eid), data)
-        except Exception:
+        with self._write_lock:
             with self.lock:
-                self.dirty.update(eid for eid, _ in pending)
-            raise
+                pending = [(eid, self.records[eid].to_json()) for eid in sorted(self.dirty)]
+                self.dirty.clear()
+            try:
+                for eid, data in pending:
+                    self.store.put_json(self.bucket, self.state_key(eid), data)
+            except Exception:
+                with self.lock:
+                    self.dirty.update(eid for eid, _ in pending)
+                raise
 
 
 class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
     name = "planner"
     settings_class = PlannerSettings
+    # Handlers are dictionary updates, and every committed batch rewrites the record in S3: large
+    # batches keep that to a few dozen writes per iteration at the paper's 25k images (50k events).
+    max_poll_records = 1000
 
     def __init__(self, settings: PlannerSettings) -> None:
         super().__init__(settings)
@@ -124,7 +162,27 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             image_size=settings.planner_default_image_size,
             iteration_deadline_seconds=settings.planner_iteration_deadline_s,
             search_backends=settings.planner_search_backends,
+            vocabulary=WORDNET if settings.planner_default_vocabulary == "wordnet" else "",
+            descriptors=settings.planner_default_descriptors,
+            llm_configured=bool(settings.planner_llm_url),
+            spread=settings.planner_spread,
+            gp_noise=settings.planner_gp_noise,
+            gp_rank=settings.planner_gp_rank,
+            gp_exact_max=settings.planner_gp_exact_max,
         )
+        cache_dir = Path(settings.planner_vocabulary_cache_dir) if settings.planner_vocabulary_cache_dir else None
+        self.embeddings = EmbeddingCache(self.store, settings.s3_bucket, cache_dir=cache_dir, on_ready=self._on_embeddings_ready)
+        self.reward_model = planning.RewardModel(device=settings.planner_device)
+        self._vocabularies: dict[str, Vocabulary] = {}
+        self._vocabulary_lock = threading.Lock()
+        self._label_embeddings: dict[str, np.ndarray] = {}
+        self._pools: dict[str, planning.Pool] = {}
+        self._latest: dict[str, distributions.Distribution] = {}
+        self._descriptor_sources: dict[str, descriptor_sources.DescriptorSource] = {}
+        # Explorations the planning thread should look at; a set, so repeated wake-ups coalesce.
+        self._work: set[str] = set()
+        self._work_ready = threading.Condition()
+        self._planner_thread: threading.Thread | None = None
         m = self.metrics
         self.m_explorations = m.gauge("explorations", "Explorations by state", ["state"])
         self.m_queries = m.counter("queries_issued_total", "Queries published")
@@ -135,6 +193,11 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         self.m_iteration_seconds = m.histogram(
             "iteration_collect_duration_seconds", "Time from issuing an iteration's queries to its completion", buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600)
         )
+        self.m_planning_seconds = m.histogram(
+            "planning_duration_seconds", "One planning step: posterior over the pool, sampling, descriptors", ["reward_model"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+        )
+        self.m_descriptor_fallbacks = m.counter("descriptor_fallbacks_total", "LLM descriptor batches answered by the offline source instead")
+        self.m_waiting = m.gauge("explorations_waiting_for_vocabulary", "Explorations whose next iteration waits for vocabulary embeddings")
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def register(self, server: grpc.Server) -> list[str]:
@@ -147,6 +210,18 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             loaded = self.explorations.load_all()
         log.info("explorations restored", extra={"count": loaded})
         self._update_state_gauge()
+        if self.settings.planner_preload_vocabulary and self.defaults.vocabulary == WORDNET:
+            threading.Thread(target=self._preload_default_vocabulary, name="vocabulary-preload", daemon=True).start()
+
+    def start(self) -> None:
+        super().start()
+        self._planner_thread = threading.Thread(target=self._planning_loop, name="planning", daemon=True)
+        self._planner_thread.start()
+        # Whatever a previous process left half-done (requested iterations, unpublished plans) resumes now.
+        with self.explorations.lock:
+            for record in self.explorations.records.values():
+                if record.state not in TERMINAL:
+                    self._wake(record.exploration_id)
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -163,13 +238,15 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         self.explorations.persist_dirty()
 
     def after_batch(self) -> None:
-        """Deadlines: an iteration whose time is up moves on with what arrived."""
+        """Deadlines and wall-time budgets: an iteration whose time is up moves on with what arrived."""
         now = time.time()
         changed = False
         with self.explorations.lock:
             for record in self.explorations.records.values():
                 it = record.current()
-                if record.state == common_pb2.EXPLORATION_STATE_RUNNING and it and it.phase == common_pb2.ITERATION_PHASE_COLLECTING and it.deadline and now > it.deadline:
+                if record.state != common_pb2.EXPLORATION_STATE_RUNNING or it is None or it.phase != common_pb2.ITERATION_PHASE_COLLECTING or not it.published:
+                    continue
+                if it.deadline and now > it.deadline:
                     log.warning("iteration deadline passed", extra={"exploration": record.exploration_id, "iteration": it.iteration})
                     self._finish_collecting(record, it)
                     changed = True
@@ -177,6 +254,10 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             self._sync()
 
     def on_stop(self) -> None:
+        with self._work_ready:
+            self._work_ready.notify_all()
+        if self._planner_thread is not None:
+            self._planner_thread.join(timeout=30)
         try:
             self.explorations.persist_dirty()
         except DependencyUnavailable:
@@ -197,80 +278,331 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             if value:
                 self.m_explorations.labels(state=name.removeprefix("EXPLORATION_STATE_").lower()).set(by_state.get(value, 0))
 
-    # ---- the loop ------------------------------------------------------------------------------
+    # ---- vocabularies and pools ------------------------------------------------------------------
     def _spec(self, record: ExplorationRecord) -> planner_pb2.ExplorationSpec:
         return planner_pb2.ExplorationSpec.FromString(bytes.fromhex(record.spec_hex))
 
-    def _record(self, exploration_id: str) -> ExplorationRecord | None:
-        record = self.explorations.records.get(exploration_id)
-        if record is None or record.state in TERMINAL:
-            return None
-        return record
+    def _preload_default_vocabulary(self) -> None:
+        try:
+            self.embeddings.request(self._vocabulary_of(WORDNET, ()))
+        except Exception:  # noqa: BLE001 - preloading is an optimisation; the first exploration retries
+            log.exception("could not preload the default vocabulary")
 
-    def _choose_concepts(self, record: ExplorationRecord, spec: planner_pb2.ExplorationSpec, iteration: int) -> list[str]:
-        rng = np.random.default_rng([spec.seed, iteration])
+    def _vocabulary_of(self, kind: str, concepts) -> Vocabulary:
+        """The vocabulary object (names and texts, no embeddings), cached: WordNet takes seconds to read."""
+        key = WORDNET if kind == WORDNET else embedding_digest(list(concepts), model="custom-list")
+        with self._vocabulary_lock:
+            vocabulary = self._vocabularies.get(key)
+            if vocabulary is None:
+                vocabulary = wordnet_vocabulary() if kind == WORDNET else custom_vocabulary(list(concepts))
+                self._vocabularies[key] = vocabulary
+            return vocabulary
+
+    def _on_embeddings_ready(self, digest: str) -> None:
+        with self.explorations.lock:
+            for record in self.explorations.records.values():
+                if record.pending_iteration and record.state not in TERMINAL:
+                    self._wake(record.exploration_id)
+
+    def _embed_labels(self, texts: list[str]) -> np.ndarray:
+        from services.common.textembed import shared_minilm
+
+        missing = [t for t in texts if t not in self._label_embeddings]
+        if missing:
+            for text, vector in zip(missing, shared_minilm().embed(missing)):
+                self._label_embeddings[text] = vector
+        return np.stack([self._label_embeddings[t] for t in texts]).astype(np.float32)
+
+    def _pool(self, exploration_id: str, spec: planner_pb2.ExplorationSpec) -> tuple[planning.Pool | None, str]:
+        """The exploration's pool, or None and what it waits for (embeddings being built)."""
+        cached = self._pools.get(exploration_id)
+        if cached is not None:
+            return cached, ""
         if spec.mode == common_pb2.EXPLORATION_MODE_LABELS_ONLY:
-            pool = list(spec.labels)
-            picks = sampling.sample(sampling.uniform(len(pool)), spec.queries_per_iteration, rng)
-            return [pool[i] for i in picks]
-        pool = list(spec.concepts)
-        probs = self._distribution(record, spec, pool)
-        picks = sampling.sample(probs, spec.queries_per_iteration, rng)
-        concepts = [pool[i] for i in picks]
-        if spec.mode == common_pb2.EXPLORATION_MODE_LABELS:
-            labels = list(spec.labels)
-            use_label = rng.random(len(concepts)) < 0.5
-            concepts = [labels[rng.integers(len(labels))] if flag else c for c, flag in zip(concepts, use_label)]
-        return concepts
+            pool = planning.labels_only_pool(list(spec.labels))
+        else:
+            vocabulary = self._vocabulary_of(spec.vocabulary or CUSTOM, spec.concepts)
+            if spec.mode == common_pb2.EXPLORATION_MODE_RANDOM:
+                pool = planning.vocabulary_pool(vocabulary, None)
+            else:
+                job = self.embeddings.request(vocabulary)
+                if job.state != "ready" or job.embeddings is None:
+                    return None, job.describe() or "waiting for vocabulary embeddings"
+                if spec.mode == common_pb2.EXPLORATION_MODE_LABELS:
+                    labels = list(dict.fromkeys(spec.labels))
+                    label_vectors = self._embed_labels(planning.label_texts(labels, list(spec.label_descriptions)))
+                    pool = planning.label_guided_pool(
+                        vocabulary, job.embeddings, labels, label_vectors, spec.sampling.prune_fraction, spec.sampling.prune_neighbours
+                    )
+                else:
+                    pool = planning.vocabulary_pool(vocabulary, job.embeddings)
+        self._pools[exploration_id] = pool
+        return pool, ""
 
-    def _distribution(self, record: ExplorationRecord, spec: planner_pb2.ExplorationSpec, pool: list[str]) -> np.ndarray:
-        """The next query distribution over `pool`.
+    def _descriptor_source(self, name: str) -> descriptor_sources.DescriptorSource:
+        source = self._descriptor_sources.get(name)
+        if source is None:
+            s = self.settings
+            if name == descriptor_sources.CURATED:
+                source = descriptor_sources.CuratedDescriptors()
+            elif name == descriptor_sources.WORDNET:
+                source = descriptor_sources.WordNetDescriptors()
+            elif name == descriptor_sources.LLM:
+                source = descriptor_sources.LLMDescriptors(s.planner_llm_url, s.planner_llm_model, api_key=s.planner_llm_api_key, timeout_s=s.planner_llm_timeout_s)
+            else:
+                source = descriptor_sources.NoDescriptors()
+            self._descriptor_sources[name] = source
+        return source
 
-        Random mode is uniform. The learned modes rank concepts by their observed mean reward, with
-        never-queried concepts placed optimistically at the best observed score until a reward model
-        that generalises across concepts (the GP of issue #6) is configured.
+    # ---- the planning thread ---------------------------------------------------------------------
+    def _wake(self, exploration_id: str) -> None:
+        with self._work_ready:
+            self._work.add(exploration_id)
+            self._work_ready.notify()
+
+    def _planning_loop(self) -> None:
+        last_sweep = 0.0
+        while not self.stopping.is_set():
+            with self._work_ready:
+                if not self._work:
+                    self._work_ready.wait(timeout=2.0)
+                batch, self._work = sorted(self._work), set()
+            if time.monotonic() - last_sweep > 10.0:
+                # A periodic sweep catches what a failed step left behind (S3 or Kafka away).
+                last_sweep = time.monotonic()
+                with self.explorations.lock:
+                    batch = sorted(set(batch) | {eid for eid, r in self.explorations.records.items() if self._needs_planning(r)})
+            waiting = 0
+            for exploration_id in batch:
+                if self.stopping.is_set():
+                    return
+                try:
+                    waiting += self._plan_step(exploration_id)
+                except DependencyUnavailable as exc:
+                    log.warning("planning step postponed", extra={"exploration": exploration_id, "error": str(exc)[:300]})
+                except Exception as exc:  # noqa: BLE001 - a planning bug fails that exploration, not the service
+                    log.exception("planning failed", extra={"exploration": exploration_id})
+                    self._fail(exploration_id, f"planning failed: {type(exc).__name__}: {exc}"[:500])
+            self.m_waiting.set(waiting)
+
+    @staticmethod
+    def _needs_planning(record: ExplorationRecord) -> bool:
+        if record.state in TERMINAL:
+            return False
+        it = record.current()
+        return bool(record.pending_iteration) or (it is not None and not it.published)
+
+    def _fail(self, exploration_id: str, error: str) -> None:
+        with self.explorations.lock:
+            record = self.explorations.records.get(exploration_id)
+            if record is None or record.state in TERMINAL:
+                return
+            record.state = common_pb2.EXPLORATION_STATE_FAILED
+            record.error = error
+            record.pending_iteration = 0
+            self.explorations.mark(record)
+        self._update_state_gauge()
+        try:
+            self._sync()
+        except DependencyUnavailable:
+            pass
+
+    def _plan_step(self, exploration_id: str) -> int:
+        """Publishes a persisted plan, or plans a requested iteration. Returns 1 while waiting for embeddings."""
+        with self.explorations.lock:
+            record = self.explorations.records.get(exploration_id)
+            if record is None or record.state in TERMINAL:
+                self._pools.pop(exploration_id, None)
+                return 0
+            it = record.current()
+            unpublished = it is not None and not it.published
+        if unpublished:
+            self._publish_plan(record, it)
+            return 0
+        with self.explorations.lock:
+            iteration = record.pending_iteration
+            if not iteration or record.state == common_pb2.EXPLORATION_STATE_PAUSED:
+                return 0
+            spec = self._spec(record)
+            reason = self._budget_reason(record, spec)
+            if reason:
+                self._stop_for_budget(record, reason)
+                return 0
+            rewards = {k: list(v) for k, v in record.observations.items()}
+        pool, waiting_for = self._pool(exploration_id, spec)
+        if pool is None:
+            with self.explorations.lock:
+                if record.detail != waiting_for:
+                    record.detail = waiting_for
+                    self.explorations.mark(record)
+            return 1
+        plan = planning.make_plan(
+            pool,
+            rewards,
+            mode=MODES[spec.mode],
+            queries=spec.queries_per_iteration,
+            rng=np.random.default_rng([spec.seed, iteration]),
+            sampling_params=planning.SamplingParams(
+                spread=spec.sampling.spread,
+                tiers=tuple(spec.sampling.tier_sizes),
+                masses=tuple(spec.sampling.tier_masses),
+                label_fraction=spec.sampling.label_fraction,
+                prune_fraction=spec.sampling.prune_fraction,
+                prune_neighbours=spec.sampling.prune_neighbours,
+            ),
+            model_params=planning.ModelParams(
+                length_scale=spec.reward_model.length_scale,
+                noise=spec.reward_model.noise,
+                rank=spec.reward_model.rank,
+                exact_max=spec.reward_model.exact_max,
+                normalize=self.settings.planner_gp_normalize,
+            ),
+            reward_model=self.reward_model,
+            descriptors=self._descriptor_source(spec.descriptors or descriptor_sources.NONE),
+        )
+        self.m_planning_seconds.labels(reward_model=plan.method).observe(plan.seconds)
+        if spec.descriptors == descriptor_sources.LLM and any(d.source != descriptor_sources.LLM for d in plan.descriptors):
+            self.m_descriptor_fallbacks.inc()
+        distribution_key = f"{STATE_PREFIX}/{exploration_id}/iterations/{iteration}/distribution.npz"
+        latest = distributions.from_plan(iteration, pool, plan)
+        with self.explorations.lock:
+            if record.state in TERMINAL or record.pending_iteration != iteration or record.state == common_pb2.EXPLORATION_STATE_PAUSED:
+                return 0  # cancelled or paused while planning: the plan is dropped, nothing was published
+            it = IterationState(
+                iteration=iteration,
+                scored_with=record.serving_model,
+                published=False,
+                reward_model=plan.method,
+                observations_used=plan.observations_used,
+                planning_seconds=round(plan.seconds, 4),
+                distribution_key=distribution_key,
+            )
+            for index, (row, descriptor) in enumerate(zip(plan.picks, plan.descriptors)):
+                # Deterministic ids: a republished plan carries the same ids, which downstream dedups.
+                query_id = f"{record.exploration_id}-i{iteration}-q{index}"
+                it.queries[query_id] = QueryState(
+                    query_id=query_id,
+                    concept=pool.keys[row],
+                    descriptor=descriptor.text,
+                    text=descriptor_sources.query_text(descriptor.text, pool.names[row]),
+                    descriptor_source=descriptor.source,
+                    is_label=bool(pool.is_label[row]),
+                )
+            record.iterations[iteration] = it
+            record.current_iteration = iteration
+            record.pending_iteration = 0
+            record.state = common_pb2.EXPLORATION_STATE_RUNNING
+            record.detail = ""
+            record.vocabulary_digest = pool.digest
+            record.vocabulary_size = len(pool)
+            self.explorations.mark(record)
+            self._latest[exploration_id] = latest
+        # The plan is durable before anything is published: a crash from here on republishes it as is.
+        self.explorations.persist_dirty()
+        try:
+            self.store.put_bytes(self.settings.s3_bucket, distribution_key, distributions.encode(latest, self.settings.planner_distribution_rows))
+        except DependencyUnavailable as exc:  # TopConcepts falls back to memory; analysis loses one iteration
+            log.warning("could not store the distribution", extra={"key": distribution_key, "error": str(exc)[:200]})
+        with self.explorations.lock:
+            publish = record.state not in TERMINAL and not it.published
+        if publish:
+            self._publish_plan(record, it)
+        self._update_state_gauge()
+        log.info(
+            "iteration planned",
+            extra={
+                "exploration": exploration_id,
+                "iteration": iteration,
+                "queries": len(plan.picks),
+                "reward_model": plan.method,
+                "observations": plan.observations_used,
+                "seconds": round(plan.seconds, 3),
+            },
+        )
+        return 0
+
+    def _publish_plan(self, record: ExplorationRecord, it: IterationState) -> None:
+        """Publishes a persisted plan's queries, waits for the broker, then starts the iteration's clock.
+
+        Sending happens under the records' lock (it is quick); the wait for the broker does not.
+        A failure leaves the plan unpublished, and the next sweep sends it again with the same ids.
         """
-        if spec.mode == common_pb2.EXPLORATION_MODE_RANDOM or not record.observations:
-            return sampling.uniform(len(pool))
-        observed = {c: float(np.mean(v)) for c, v in record.observations.items() if v}
-        optimistic = max(observed.values())
-        scores = np.array([observed.get(c, optimistic) for c in pool], dtype=np.float64)
-        return sampling.next_distribution(scores, spread=self.settings.planner_spread)
+        with self.explorations.lock:
+            if it.published or record.state in TERMINAL:
+                return
+            spec = self._spec(record)
+            self._send_queries(record, it, spec)
+        self.publisher.flush()
+        with self.explorations.lock:
+            self._mark_published(record, it, spec)
 
-    def _start_iteration(self, record: ExplorationRecord, iteration: int) -> None:
-        spec = self._spec(record)
-        it = IterationState(iteration=iteration, deadline=time.time() + spec.iteration_deadline_seconds, scored_with=record.serving_model)
-        concepts = self._choose_concepts(record, spec, iteration)
-        for index, concept in enumerate(concepts):
-            # Deterministic ids: re-issuing after a crash yields the same ids, which downstream dedups.
-            query_id = f"{record.exploration_id}-i{iteration}-q{index}"
-            descriptor = ""
-            text = f"{descriptor} {concept}".strip()
-            it.queries[query_id] = QueryState(query_id=query_id, concept=concept, descriptor=descriptor, text=text)
-            record.times_queried[concept] = record.times_queried.get(concept, 0) + 1
+    def _send_queries(self, record: ExplorationRecord, it: IterationState, spec: planner_pb2.ExplorationSpec) -> None:
+        for query in it.queries.values():
             self.publisher.publish(
                 topics.QUERIES,
                 events_pb2.QueryIssued(
-                    query_id=query_id,
+                    query_id=query.query_id,
                     exploration_id=record.exploration_id,
-                    iteration=iteration,
-                    concept=concept,
-                    descriptor=descriptor,
-                    text=text,
+                    iteration=it.iteration,
+                    concept=query.concept,
+                    descriptor=query.descriptor,
+                    text=query.text,
                     num_results=spec.images_per_query,
                     search_backend=spec.search_backend,
                     issued_at=now_timestamp(),
                 ),
                 # By query, not exploration: queries need no order, and one exploration's queries
                 # then spread over every crawler replica.
-                key=query_id,
+                key=query.query_id,
             )
-        self.m_queries.inc(len(concepts))
-        record.iterations[iteration] = it
-        record.current_iteration = iteration
-        record.state = common_pb2.EXPLORATION_STATE_RUNNING
+
+    def _mark_published(self, record: ExplorationRecord, it: IterationState, spec: planner_pb2.ExplorationSpec) -> None:
+        if it.published:
+            return
+        now = time.time()
+        it.published = True
+        it.started_at = now
+        it.deadline = now + spec.iteration_deadline_seconds
+        if spec.max_wall_seconds:
+            it.deadline = min(it.deadline, record.created_at + spec.max_wall_seconds)
+        for query in it.queries.values():
+            record.times_queried[query.concept] = record.times_queried.get(query.concept, 0) + 1
+        self.m_queries.inc(len(it.queries))
         self.explorations.mark(record)
-        log.info("iteration started", extra={"exploration": record.exploration_id, "iteration": iteration, "queries": len(concepts)})
+        log.info("iteration started", extra={"exploration": record.exploration_id, "iteration": it.iteration, "queries": len(it.queries)})
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _record(self, exploration_id: str) -> ExplorationRecord | None:
+        record = self.explorations.records.get(exploration_id)
+        if record is None or record.state in TERMINAL:
+            return None
+        return record
+
+    def _request_iteration(self, record: ExplorationRecord, iteration: int) -> None:
+        """Asks the planning thread for `iteration` (caller holds the lock; persisted with the record)."""
+        record.pending_iteration = iteration
+        self.explorations.mark(record)
+        self._wake(record.exploration_id)
+
+    def _budget_reason(self, record: ExplorationRecord, spec: planner_pb2.ExplorationSpec, extra_iteration: int = 0) -> str:
+        """The budget that is used up ('' when none): iterations, images or wall time."""
+        if record.iterations_finished + extra_iteration >= spec.iterations:
+            return "iterations"
+        if spec.max_images and sum(it.counts()["images_fetched"] for it in record.iterations.values()) >= spec.max_images:
+            return "images"
+        if spec.max_wall_seconds and time.time() >= record.created_at + spec.max_wall_seconds:
+            return "wall_time"
+        return ""
+
+    def _stop_for_budget(self, record: ExplorationRecord, reason: str) -> None:
+        """Ends an exploration whose budget ran out between iterations (caller holds the lock)."""
+        record.state = common_pb2.EXPLORATION_STATE_SUCCEEDED
+        record.stop_reason = reason
+        record.pending_iteration = 0
+        record.detail = ""
+        self.explorations.mark(record)
+        self._pools.pop(record.exploration_id, None)
+        log.info("exploration succeeded", extra={"exploration": record.exploration_id, "stop_reason": reason})
 
     def _query(self, exploration_id: str, iteration: int, query_id: str) -> tuple[ExplorationRecord, IterationState, QueryState] | None:
         record = self._record(exploration_id)
@@ -290,7 +622,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             self.m_concept_reward.observe(query.concept_reward)
         self.explorations.mark(record)
         # A paused exploration still finishes the iteration in hand; the pause holds at the boundary.
-        if it.complete and record.state in (common_pb2.EXPLORATION_STATE_RUNNING, common_pb2.EXPLORATION_STATE_PAUSED):
+        if it.complete and it.published and record.state in (common_pb2.EXPLORATION_STATE_RUNNING, common_pb2.EXPLORATION_STATE_PAUSED):
             self._finish_collecting(record, it)
 
     def _finish_collecting(self, record: ExplorationRecord, it: IterationState) -> None:
@@ -336,6 +668,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         }
         it.manifest_key = f"{STATE_PREFIX}/{record.exploration_id}/iterations/{it.iteration}/manifest.json"
         self.store.put_json(self.settings.s3_bucket, it.manifest_key, manifest)
+        last = bool(self._budget_reason(record, spec, extra_iteration=1))
         self.publisher.publish(
             topics.ITERATIONS,
             events_pb2.IterationFinished(
@@ -345,11 +678,13 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                 candidates=len(best),
                 replay_selected=len(replay),
                 mean_concept_reward=float(np.mean(rewards)) if rewards else 0.0,
-                last=it.iteration >= spec.iterations,
+                last=last,
                 finished_at=now_timestamp(),
             ),
             key=record.exploration_id,
         )
+        for query in it.queries.values():
+            query.freeze()
         self.m_iterations.labels(outcome="complete" if incomplete == 0 else "deadline").inc()
         self.explorations.mark(record)
         log.info(
@@ -374,16 +709,15 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         if it is not None and it.phase == common_pb2.ITERATION_PHASE_TRAINING:
             it.phase = common_pb2.ITERATION_PHASE_FINISHED
             it.finished_at = time.time()
-        if record.iterations_finished >= spec.iterations:
-            record.state = common_pb2.EXPLORATION_STATE_SUCCEEDED
-            self.explorations.mark(record)
+        reason = self._budget_reason(record, spec)
+        if reason:
+            self._stop_for_budget(record, reason)
             self._update_state_gauge()
-            log.info("exploration succeeded", extra={"exploration": record.exploration_id})
             return
         if record.state == common_pb2.EXPLORATION_STATE_PAUSED:
             self.explorations.mark(record)
             return
-        self._start_iteration(record, record.current_iteration + 1)
+        self._request_iteration(record, record.current_iteration + 1)
 
     # ---- handlers ------------------------------------------------------------------------------
     def on_model_serving(self, event: events_pb2.ModelServing, ctx: EventContext) -> None:
@@ -397,8 +731,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             record.serving_model = model
             it = record.current()
             if record.current_iteration == 0:
-                if record.state == common_pb2.EXPLORATION_STATE_PENDING:
-                    self._start_iteration(record, 1)
+                if record.state == common_pb2.EXPLORATION_STATE_PENDING and not record.pending_iteration:
+                    self._request_iteration(record, 1)
                 else:
                     self.explorations.mark(record)
             elif it is not None and it.phase == common_pb2.ITERATION_PHASE_TRAINING and model[1] > it.iteration:
@@ -420,6 +754,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             if record.current_iteration == 0:
                 record.state = common_pb2.EXPLORATION_STATE_FAILED
                 record.error = f"initial model failed to load: {event.reason[:500]}"
+                record.pending_iteration = 0
                 self.explorations.mark(record)
                 self._update_state_gauge()
             elif it is not None and it.phase == common_pb2.ITERATION_PHASE_TRAINING and event.model.version > it.iteration:
@@ -498,6 +833,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                     knn_top1=it.knn_top1 or 0.0,
                     started_at=_ts(it.started_at),
                     finished_at=_ts(it.finished_at),
+                    reward_model=it.reward_model,
+                    planning_seconds=it.planning_seconds,
                 )
             )
         return planner_pb2.Exploration(
@@ -512,7 +849,19 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             error=record.error,
             created_at=_ts(record.created_at),
             updated_at=_ts(record.updated_at),
+            stop_reason=record.stop_reason,
+            detail=record.detail or self._waiting_detail(record),
+            vocabulary_digest=record.vocabulary_digest,
+            vocabulary_size=record.vocabulary_size,
         )
+
+    @staticmethod
+    def _waiting_detail(record: ExplorationRecord) -> str:
+        if record.state == common_pb2.EXPLORATION_STATE_PENDING and record.serving_model is None:
+            return "waiting for the initial encoder to be served"
+        if record.pending_iteration and record.state == common_pb2.EXPLORATION_STATE_RUNNING:
+            return f"planning iteration {record.pending_iteration}"
+        return ""
 
     def _get(self, exploration_id: str, context: grpc.ServicerContext) -> ExplorationRecord:
         try:
@@ -565,9 +914,18 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             self._sync()
         except DependencyUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"could not record the exploration: {exc}")
+        if spec.mode in (common_pb2.EXPLORATION_MODE_IE, common_pb2.EXPLORATION_MODE_LABELS):
+            # Start loading (or building) the embeddings while the trainer prepares the initial encoder.
+            threading.Thread(target=self._warm_vocabulary, args=(spec,), name="vocabulary-warm", daemon=True).start()
         self._update_state_gauge()
         log.info("exploration created", extra={"exploration": exploration_id, "mode": common_pb2.ExplorationMode.Name(spec.mode)})
         return planner_pb2.CreateExplorationResponse(exploration=self._to_proto(record))
+
+    def _warm_vocabulary(self, spec: planner_pb2.ExplorationSpec) -> None:
+        try:
+            self.embeddings.request(self._vocabulary_of(spec.vocabulary or CUSTOM, spec.concepts))
+        except Exception:  # noqa: BLE001 - the planning thread asks again and reports the failure
+            log.exception("could not start loading the vocabulary")
 
     def GetExploration(self, request, context) -> planner_pb2.GetExplorationResponse:
         with self.explorations.lock:
@@ -581,6 +939,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         size = request.page_size or 50
         try:
             start = int(request.page_token or 0)
+            if start < 0:
+                raise ValueError
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token returned by ListExplorations")
         with self.explorations.lock:
@@ -618,6 +978,9 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                 )
             previous = record.state
             record.state = new_state
+            if new_state in TERMINAL:
+                record.pending_iteration = 0
+                record.detail = ""
             self.explorations.mark(record)
             if new_state == common_pb2.EXPLORATION_STATE_RUNNING and previous == common_pb2.EXPLORATION_STATE_PAUSED:
                 self._resume(record)
@@ -632,14 +995,17 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
     def _resume(self, record: ExplorationRecord) -> None:
         """A pause holds the loop at an iteration boundary; resuming continues from there."""
         it = record.current()
-        if record.current_iteration == 0:
-            if record.serving_model is None:
-                record.state = common_pb2.EXPLORATION_STATE_PENDING  # still waiting for the initial encoder
-            else:
-                self._start_iteration(record, 1)
+        if record.pending_iteration:
+            if record.current_iteration == 0:
+                record.state = common_pb2.EXPLORATION_STATE_PENDING  # the first queries are not out yet
+            self._wake(record.exploration_id)
+        elif record.current_iteration == 0:
+            record.state = common_pb2.EXPLORATION_STATE_PENDING
+            if record.serving_model is not None:
+                self._request_iteration(record, 1)
         elif it is not None and it.phase == common_pb2.ITERATION_PHASE_FINISHED:
             self._advance(record)
-        elif it is not None and it.phase == common_pb2.ITERATION_PHASE_COLLECTING and it.complete:
+        elif it is not None and it.phase == common_pb2.ITERATION_PHASE_COLLECTING and it.complete and it.published:
             self._finish_collecting(record, it)
 
     def PauseExploration(self, request, context):
@@ -660,24 +1026,48 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit: must be between 0 and 10000")
         with self.explorations.lock:
             record = self._get(request.exploration_id, context)
-            spec = self._spec(record)
-            pool = list(spec.labels) if spec.mode == common_pb2.EXPLORATION_MODE_LABELS_ONLY else list(spec.concepts)
-            probs = self._distribution(record, spec, pool) if pool else np.zeros(0)
             observed = {c: float(np.mean(v)) for c, v in record.observations.items() if v}
-            rows = []
-            for i, concept in enumerate(pool):
-                rows.append(
-                    planner_pb2.ConceptScore(
-                        concept=concept,
-                        predicted_reward=observed.get(concept, 0.0),
-                        uncertainty=0.0 if concept in observed else 1.0,
-                        observed_reward=observed.get(concept, 0.0),
-                        times_queried=record.times_queried.get(concept, 0),
-                        sampling_probability=float(probs[i]),
-                    )
+            times = dict(record.times_queried)
+            latest = self._latest.get(record.exploration_id)
+            it = record.current()
+            key = it.distribution_key if it is not None else ""
+        if (latest is None or (it is not None and latest.iteration != it.iteration)) and key:
+            try:
+                data = self.store.get_or_none(self.settings.s3_bucket, key)
+                latest = distributions.decode(data) if data is not None else None
+            except DependencyUnavailable as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"could not read the stored distribution: {exc}")
+            if latest is not None:
+                with self.explorations.lock:
+                    self._latest.setdefault(record.exploration_id, latest)
+        limit = request.limit or 20
+        if latest is None:
+            # Nothing planned yet: the prior, i.e. what was observed (if anything) and no ranking.
+            rows = [
+                planner_pb2.ConceptScore(concept=c, name=c, observed_reward=r, times_queried=times.get(c, 0))
+                for c, r in sorted(observed.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+            ]
+            return planner_pb2.TopConceptsResponse(concepts=rows, iteration=0, observations=0, reward_model="prior")
+        order = latest.ranked(limit)
+        rows = []
+        for i in order:
+            concept = latest.keys[i]
+            rows.append(
+                planner_pb2.ConceptScore(
+                    concept=concept,
+                    predicted_reward=float(latest.mean[i]),
+                    uncertainty=float(latest.std[i]),
+                    observed_reward=observed.get(concept, 0.0),
+                    times_queried=times.get(concept, 0),
+                    sampling_probability=float(latest.probabilities[i]),
+                    name=latest.names[i],
+                    embedded_text=latest.texts[i],
+                    is_label=bool(latest.is_label[i]),
                 )
-        rows.sort(key=lambda r: (-r.sampling_probability, -r.observed_reward, r.concept))
-        return planner_pb2.TopConceptsResponse(concepts=rows[: request.limit or 20])
+            )
+        return planner_pb2.TopConceptsResponse(
+            concepts=rows, iteration=latest.iteration, observations=latest.observations, reward_model=latest.method, vocabulary_size=latest.size
+        )
 
     def QueryHistory(self, request, context) -> planner_pb2.QueryHistoryResponse:
         if request.iteration < 0:
@@ -686,11 +1076,15 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size: must be between 0 and 10000")
         try:
             start = int(request.page_token or 0)
+            if start < 0:
+                raise ValueError
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token returned by QueryHistory")
         size = request.page_size or 100
         with self.explorations.lock:
             record = self._get(request.exploration_id, context)
+            if request.iteration and request.iteration not in record.iterations:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"iteration: exploration has no iteration {request.iteration}")
             rows = []
             for n in sorted(record.iterations):
                 if request.iteration and n != request.iteration:
@@ -706,6 +1100,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                             counts=common_pb2.ImageCounts(**query.counts()),
                             concept_reward=query.concept_reward or 0.0,
                             complete=query.complete,
+                            descriptor_source=query.descriptor_source,
+                            is_label=query.is_label,
                         )
                     )
         page = rows[start : start + size]

@@ -36,6 +36,8 @@ class QueryState:
     concept: str
     descriptor: str
     text: str
+    descriptor_source: str = ""
+    is_label: bool = False
     crawled: bool = False
     results_returned: int = 0
     images_expected: int = 0
@@ -47,16 +49,33 @@ class QueryState:
     # decision id -> reward
     rewards: dict[str, float] = field(default_factory=dict)
     concept_reward: float | None = None
+    # Set when the iteration leaves COLLECTING: the counts and completeness, after which the per-image
+    # maps above are dropped (the iteration's manifest in S3 keeps the images and their rewards). At
+    # the paper's scale (25k images an iteration, 40 iterations) this keeps the record a few MB.
+    frozen_counts: dict[str, int] | None = None
+    frozen_complete: bool | None = None
 
     @property
     def complete(self) -> bool:
+        if self.frozen_complete is not None:
+            return self.frozen_complete
         return (
             self.crawled
             and len(self.decisions) >= self.images_expected
             and all(d in self.rewards for d in self.accepted_objects)
         )
 
+    def freeze(self) -> None:
+        self.frozen_counts = self.counts()
+        self.frozen_complete = self.complete
+        self.decisions.clear()
+        self.accepted_objects.clear()
+        self.rewards.clear()
+        self.refused.clear()
+
     def counts(self) -> dict[str, int]:
+        if self.frozen_counts is not None:
+            return dict(self.frozen_counts)
         kinds = list(self.decisions.values())
         return {
             "queries_issued": 1,
@@ -87,6 +106,15 @@ class IterationState:
     manifest_key: str = ""
     # Frozen once the iteration leaves COLLECTING, so late events cannot change the reported numbers.
     final_counts: dict[str, int] | None = None
+    # The plan is persisted before its queries are published; a restart republishes an unpublished plan
+    # (same ids, same texts) instead of planning again.
+    published: bool = True
+    # How the queries were chosen ("uniform", "prior", "exact", "fic", "pic"), on how many observed rewards, how fast.
+    reward_model: str = ""
+    observations_used: int = 0
+    planning_seconds: float = 0.0
+    # S3 key of the distribution the queries were sampled from (mu, sigma, probabilities over the pool).
+    distribution_key: str = ""
 
     def counts(self) -> dict[str, int]:
         if self.final_counts is not None:
@@ -139,6 +167,13 @@ class ExplorationRecord:
     observations: dict[str, list[float]] = field(default_factory=dict)
     # concept -> times queried
     times_queried: dict[str, int] = field(default_factory=dict)
+    # The iteration the loop wants to start next (0: none); the planning worker turns it into queries.
+    pending_iteration: int = 0
+    # Why the exploration stopped (a budget), and what a waiting exploration waits for.
+    stop_reason: str = ""
+    detail: str = ""
+    vocabulary_digest: str = ""
+    vocabulary_size: int = 0
     # Bumped on every change; watchers wait on it.
     revision: int = 0
 

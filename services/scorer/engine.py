@@ -8,7 +8,13 @@ flight. The encoder itself only ever runs in Triton.
 Threads: the consumer thread switches versions and scores events while gRPC threads score API
 requests. Serving state is immutable and replaced under a lock, so a request sees either the old
 version with its bank or the new version with its bank, never a mix. Loads and bank builds for
-one exploration are serialised by a per-exploration lock.
+one exploration are serialised by a per-exploration lock. Image reads and decodes run on a small
+I/O pool (Pillow and the S3 client release the GIL), and the next window of target images is
+decoded while the current one is in Triton; the encoder client bounds the Triton requests in
+flight for the whole replica.
+
+Target banks are kept in S3 per model version (services.scorer.embeddings), so a restarted
+replica, or a redelivered ModelPublished, reads the bank back instead of embedding it again.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
@@ -26,10 +33,11 @@ import numpy as np
 
 from iex.v1 import common_pb2
 from services.common.errors import DependencyUnavailable
-from services.common.modelrepo import InferenceError, ModelLoadError, ServerUnavailableError
+from services.common.modelrepo import InferenceError, ModelLoadError, ServerUnavailableError, discard_version
 from services.common.objectstore import parse_s3_uri
 from services.scorer import records
 from services.scorer.cache import EmbeddingCache
+from services.scorer.embeddings import EmbeddingStore, bank_digest
 from services.scorer.metrics import PURPOSE_BANK, PURPOSE_SCORE, ScorerMetrics
 from services.scorer.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from services.scorer.records import ExplorationTarget, ServingRecord
@@ -54,6 +62,14 @@ class EngineConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     model_ready_timeout_s: float = 60.0
     max_serving_explorations: int = 64
+    io_threads: int = 8
+    # Keep target banks in S3 per model version (read back on restore instead of re-embedding).
+    persist_banks: bool = True
+    # Local model repository shared with the trainer (empty: not reachable from here).
+    model_repository: str = ""
+    # Remove a version Triton refused to load from model_repository: with the latest-N version
+    # policy it would otherwise be retried, and fail, on every later load of the model.
+    discard_failed_versions: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,13 +138,28 @@ class ScoringEngine:
         self.metrics = metrics
         self.clock = clock
         self.cache = EmbeddingCache(config.embedding_cache_entries)
+        self.embeddings = EmbeddingStore(store, config.bucket)
         self._lock = threading.Lock()
         self._explorations: dict[str, ExplorationTarget] = {}
         # LRU of serving states: finished explorations age out and are restored from S3 on demand.
         self._serving: OrderedDict[str, ServingModel] = OrderedDict()
         self._exploration_locks: dict[str, threading.Lock] = {}
         self._model_locks: dict[str, threading.Lock] = {}
-        self._inflight = threading.BoundedSemaphore(config.max_inflight_batches)
+        # Exploration -> the newest version that could not be served (cleared once one as new serves).
+        self._failing: dict[str, int] = {}
+        self._io = ThreadPoolExecutor(max_workers=max(1, config.io_threads), thread_name_prefix="scorer-io")
+        # One window of target images decoded ahead while the previous one is in Triton.
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer-prefetch")
+
+    def close(self) -> None:
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    def map_io(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """fn over items on the I/O pool, results in order; the first exception propagates."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(self._io.map(fn, items))
 
     # ---- explorations --------------------------------------------------------------------------
     def remember_exploration(self, target: ExplorationTarget) -> None:
@@ -221,6 +252,7 @@ class ScoringEngine:
             if current is not None and (current.model_name, current.version) == wanted and self.encoder.is_ready(model_name, version):
                 if recorded != wanted:
                     self._persist(current)
+                self._clear_failing(exploration_id, version)
                 return ServeOutcome(ServeStatus.ALREADY_SERVING, serving=current)
             if record is not None and record.model_name == model_name and version < record.version:
                 return ServeOutcome(
@@ -237,7 +269,10 @@ class ScoringEngine:
                 self._wait_ready(model_name, version)
             except ModelLoadError as exc:
                 self._require_server()  # a load that failed because Triton went away is retried
-                return self._failed(still_serving, "triton_load", str(exc))
+                reason = str(exc)
+                if self._discard_unloadable(model_name, version, still_serving):
+                    reason += "; the version was removed from the model repository"
+                return self._failed(exploration_id, version, still_serving, "triton_load", reason)
             try:
                 bank = self._build_bank(target, model_name, version, image_size)
             except ServerUnavailableError as exc:
@@ -245,15 +280,16 @@ class ScoringEngine:
             except InferenceError as exc:
                 self._require_server()
                 reason = f"embedding the target bank with {model_name} v{version} failed: {exc}"
-                return self._failed(still_serving, "inference", reason)
+                return self._failed(exploration_id, version, still_serving, "inference", reason)
             if bank.shape[0] == 0:
                 reason = f"no decodable image under {_train_prefix_uri(target.target_uri)}"
-                return self._failed(still_serving, "empty_target", reason)
+                return self._failed(exploration_id, version, still_serving, "empty_target", reason)
             since = record.serving_since if record is not None and recorded == wanted else self.clock()
             state = ServingModel(exploration_id, model_name, version, image_size, bank, since)
             # Durable before visible: the record must never be behind the announced ModelServing.
             self._persist(state)
             self._install(state)
+            self._clear_failing(exploration_id, version)
             self.metrics.model_loads.inc()
             self.metrics.loaded_version.set(version)
             self.metrics.bank_images.set(state.bank_size)
@@ -285,14 +321,20 @@ class ScoringEngine:
         failures: dict[int, ItemFailed] = {}
         missing: list[int] = []
         pixels: list[np.ndarray] = []
-        for index, value in enumerate(cached):
-            if value is not None:
-                continue
+
+        def attempt(index: int) -> np.ndarray | ItemFailed:
             try:
-                pixels.append(load_pixels(index))
-                missing.append(index)
+                return load_pixels(index)
             except ItemFailed as exc:
-                failures[index] = exc
+                return exc
+
+        to_load = [index for index, value in enumerate(cached) if value is None]
+        for index, loaded in zip(to_load, self.map_io(attempt, to_load)):
+            if isinstance(loaded, ItemFailed):
+                failures[index] = loaded
+            else:
+                pixels.append(loaded)
+                missing.append(index)
         fresh = None
         if pixels:
             fresh = self.embed_pixels(serving, np.stack(pixels))
@@ -336,10 +378,46 @@ class ScoringEngine:
     def _persist(self, state: ServingModel) -> None:
         self.store.put_json(self.config.bucket, records.serving_key(state.exploration_id), state.record().to_json())
 
-    def _failed(self, still_serving: tuple[str, int] | None, kind: str, reason: str) -> ServeOutcome:
+    def _failed(self, exploration_id: str, version: int, still_serving: tuple[str, int] | None, kind: str, reason: str) -> ServeOutcome:
         self.metrics.load_failures.labels(reason=kind).inc()
-        log.warning("model version not served", extra={"kind": kind, "reason": reason[:500], "still_serving": str(still_serving)})
+        with self._lock:
+            self._failing[exploration_id] = max(version, self._failing.get(exploration_id, 0))
+            self.metrics.load_failing.set(len(self._failing))
+        log.warning(
+            "model version not served",
+            extra={"exploration_id": exploration_id, "version": version, "kind": kind, "reason": reason[:500], "still_serving": str(still_serving)},
+        )
         return ServeOutcome(ServeStatus.FAILED, still_serving=still_serving, failure_kind=kind, reason=reason)
+
+    def _clear_failing(self, exploration_id: str, serving_version: int) -> None:
+        with self._lock:
+            failed = self._failing.get(exploration_id)
+            if failed is not None and serving_version >= failed:
+                del self._failing[exploration_id]
+            self.metrics.load_failing.set(len(self._failing))
+
+    def failing_version(self, exploration_id: str) -> int | None:
+        """The newest version of the exploration that could not be served, while none as new serves."""
+        with self._lock:
+            return self._failing.get(exploration_id)
+
+    def _discard_unloadable(self, model_name: str, version: int, still_serving: tuple[str, int] | None) -> bool:
+        """Removes a version Triton refused from the local repository; True when it was removed."""
+        if not (self.config.discard_failed_versions and self.config.model_repository):
+            return False
+        if still_serving is not None and still_serving == (model_name, version):
+            return False
+        try:
+            if version in self.encoder.ready_versions(model_name):
+                return False  # never remove what Triton serves, whatever the load said
+            removed = discard_version(self.config.model_repository, model_name, version)
+        except (InferenceError, OSError) as exc:
+            log.warning("could not discard a version that failed to load", extra={"model": model_name, "version": version, "error": str(exc)[:300]})
+            return False
+        if removed:
+            self.metrics.versions_discarded.inc()
+            log.warning("version that failed to load removed from the model repository", extra={"model": model_name, "version": version})
+        return removed
 
     def _require_server(self) -> None:
         if not self.encoder.server_ready():
@@ -392,28 +470,60 @@ class ScoringEngine:
         return bucket, keys[: self.config.target_bank_max_images]
 
     def _build_bank(self, target: ExplorationTarget, model_name: str, version: int, image_size: int) -> np.ndarray:
-        """Embeds the target's train images with (model_name, version): float32 [M, D], read-only."""
+        """The target's train images embedded with (model_name, version): float32 [M, D], read-only.
+
+        Read back from S3 when this very input (same objects, same size) was embedded with this
+        version before; otherwise embedded window by window (the next window decoded while the
+        current one is in Triton) and stored."""
         bucket, keys = self._target_keys(target)
+        digest = bank_digest(target.target_uri, image_size, keys)
+        if self.config.persist_banks and keys:
+            stored = self.embeddings.get_bank(model_name, version, digest)
+            if stored is not None and stored[1].shape[0] > 0 and set(stored[0]) <= set(keys):
+                self.metrics.banks_reused.inc()
+                return stored[1]
+        window = self.config.batch_size * self.config.max_inflight_batches
+        windows = [keys[start : start + window] for start in range(0, len(keys), window)]
+        kept: list[str] = []
         chunks: list[np.ndarray] = []
-        for start in range(0, len(keys), self.config.batch_size):
-            pixels = []
-            for key in keys[start : start + self.config.batch_size]:
-                data = self.store.get_or_none(bucket, key)
-                if data is None:  # listed, then deleted
-                    self.metrics.target_images_skipped.labels(reason="missing").inc()
-                    continue
-                try:
-                    pixels.append(decode_image(data, image_size, max_pixels=self.config.max_image_pixels))
-                except ImageDecodeError as exc:
-                    self.metrics.target_images_skipped.labels(reason="undecodable").inc()
-                    log.warning("target image skipped", extra={"key": key, "error": str(exc)[:200]})
+        pending: Future | None = self._prefetch.submit(self._load_target_window, bucket, windows[0], image_size) if windows else None
+        for index in range(len(windows)):
+            assert pending is not None
+            window_keys, pixels = pending.result()
+            pending = self._prefetch.submit(self._load_target_window, bucket, windows[index + 1], image_size) if index + 1 < len(windows) else None
             if pixels:
                 chunks.append(self._embed(model_name, version, np.stack(pixels), PURPOSE_BANK, reload_if_lost=False))
+                kept.extend(window_keys)
         if not chunks:
             return np.zeros((0, 0), dtype=np.float32)
         bank = l2_normalise(np.concatenate(chunks, axis=0))
         bank.setflags(write=False)
+        if self.config.persist_banks:
+            self.embeddings.put_bank(model_name, version, digest, kept, bank)
         return bank
+
+    def _load_target_window(self, bucket: str, keys: Sequence[str], image_size: int) -> tuple[list[str], list[np.ndarray]]:
+        """Reads and decodes target images in parallel; skips (and counts) missing or broken ones."""
+
+        def load(key: str) -> np.ndarray | None:
+            data = self.store.get_or_none(bucket, key)
+            if data is None:  # listed, then deleted
+                self.metrics.target_images_skipped.labels(reason="missing").inc()
+                return None
+            try:
+                return decode_image(data, image_size, max_pixels=self.config.max_image_pixels)
+            except ImageDecodeError as exc:
+                self.metrics.target_images_skipped.labels(reason="undecodable").inc()
+                log.warning("target image skipped", extra={"key": key, "error": str(exc)[:200]})
+                return None
+
+        kept_keys: list[str] = []
+        pixels: list[np.ndarray] = []
+        for key, loaded in zip(keys, self.map_io(load, list(keys))):
+            if loaded is not None:
+                kept_keys.append(key)
+                pixels.append(loaded)
+        return kept_keys, pixels
 
     def _embed(self, model_name: str, version: int, pixels: np.ndarray, purpose: str, *, reload_if_lost: bool) -> np.ndarray:
         try:
@@ -441,20 +551,20 @@ class ScoringEngine:
             raise DependencyUnavailable(f"triton unavailable: {exc}") from exc
 
     def _embed_batches(self, model_name: str, version: int, pixels: np.ndarray, purpose: str) -> np.ndarray:
-        out = []
-        for start in range(0, pixels.shape[0], self.config.batch_size):
-            batch = np.ascontiguousarray(pixels[start : start + self.config.batch_size])
-            # Bounds the Triton requests of this replica, whatever mix of gRPC and Kafka work.
-            with self._inflight:
-                started = time.perf_counter()
-                embeddings = self.encoder.embed(model_name, version, batch)
-                self.metrics.inference_seconds.labels(purpose=purpose).observe(time.perf_counter() - started)
-            self.metrics.batch_images.labels(purpose=purpose).observe(batch.shape[0])
-            embeddings = np.asarray(embeddings, dtype=np.float32)
-            if embeddings.ndim != 2 or embeddings.shape[0] != batch.shape[0]:
-                raise InferenceError(f"{model_name} v{version} returned embeddings of shape {embeddings.shape} for {batch.shape[0]} images")
-            out.append(embeddings)
-        return np.concatenate(out, axis=0)
+        """One call for all the pixels: the client sends requests of batch_size concurrently, with
+        at most max_inflight_batches in flight for the whole replica (gRPC and Kafka work alike)."""
+        latency = self.metrics.inference_seconds.labels(purpose=purpose)
+        sizes = self.metrics.batch_images.labels(purpose=purpose)
+
+        def observe(images: int, seconds: float) -> None:
+            latency.observe(seconds)
+            sizes.observe(images)
+
+        embeddings = self.encoder.embed(model_name, version, pixels, batch_size=self.config.batch_size, on_response=observe)
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != pixels.shape[0]:
+            raise InferenceError(f"{model_name} v{version} returned embeddings of shape {embeddings.shape} for {pixels.shape[0]} images")
+        return embeddings
 
 
 def _train_prefix_uri(target_uri: str) -> str:

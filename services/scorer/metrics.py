@@ -49,3 +49,26 @@ class ScorerMetrics:
         self.models_parked = metrics.counter(
             "models_parked_total", "ModelPublished events parked until their exploration is known"
         )
+        # The alert signal: > 0 while some exploration's newest published version could not be
+        # served (the previous one keeps serving). Back to 0 once a version at least as new serves.
+        self.load_failing = metrics.gauge(
+            "model_load_failing", "Explorations whose newest published model version could not be served"
+        )
+        self.versions_discarded = metrics.counter(
+            "model_versions_discarded_total", "Versions Triton refused to load, removed from the model repository"
+        )
+        self.banks_reused = metrics.counter(
+            "target_banks_reused_total", "Target banks read back from S3 instead of being embedded again"
+        )
+        self.decision_batch = metrics.histogram(
+            "decision_batch_decisions", "Decisions scored together (one polled batch of events)", buckets=BATCH_BUCKETS
+        )
+        self.embeddings_stored = metrics.counter(
+            "embeddings_stored_total", "Image embeddings written to S3 shards (per model version)"
+        )
+        self.decisions_dead_lettered = metrics.counter(
+            "decisions_dead_lettered_total", "Decisions that could not be scored, sent to the dead-letter topic", ["reason"]
+        )
+        self.concept_rewards_published = metrics.counter(
+            "concept_rewards_published_total", "ConceptRewardUpdated events published"
+        )

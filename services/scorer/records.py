@@ -3,6 +3,10 @@
 - `scorer/explorations/<id>.json`    the exploration's target (from ExplorationCreated)
 - `scorer/serving/<id>.json`         the model version announced with ModelServing
 - `scorer/pending-models/<id>.json`  a ModelPublished that arrived before its ExplorationCreated
+- `scorer/concepts/<id>/<query>.json` a query's running concept reward (services.scorer.concepts)
+
+Embeddings (images and target banks, per model version) live under `embeddings/`; see
+services.scorer.embeddings.
 
 Each record is written before the event that depends on it is published, so after a crash the
 record is never behind what other services were told.

@@ -6,17 +6,30 @@ Consumes
   with it, switches, announces ModelServing; a version that cannot be served is announced with
   ModelLoadFailed while the previous one keeps serving.
 - iex.dedup.decisions.v1 (ImageDecision): rewards of UNIQUE / EXACT_DUPLICATE / NEAR_DUPLICATE
-  images -> ImageScored.
+  images -> ImageScored, their embeddings -> S3 shards per model version, and the running reward
+  of each query touched -> ConceptRewardUpdated.
+
+Batching across events: a decision is only validated and buffered by its handler; the buffered
+decisions of a polled batch are scored together just before the batch's offsets are committed
+(`before_commit`), as one set of pipelined Triton requests. A ModelPublished first scores what is
+buffered before it (with the version serving until then), so no decision handled before a switch is
+scored with the version after it. An item that cannot be scored (object missing, undecodable) is
+written to the dead-letter topic by the scorer itself, as the consumer loop would have; the rest of
+the batch is scored. An unexpected failure of a whole batch falls back to scoring its decisions one
+by one, so one bad image never holds back or dead-letters the others.
 
 Idempotence: serving records and exploration records are overwritten with the same content on
 redelivery; a redelivered ModelPublished of the serving version re-announces the same
 ModelServing; a reward is a pure function of (image, model version, target bank), so a redelivered
-decision republishes the same ImageScored.
+decision republishes the same ImageScored, rewrites the same embedding shard and re-announces the
+same concept reward.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -31,10 +44,12 @@ from services.common.objectstore import parse_s3_uri
 from services.common.service import Check, Service
 from services.common.settings import ServiceSettings, setting
 from services.scorer import records
-from services.scorer.engine import EngineConfig, ItemFailed, ScoringEngine, ServeOutcome, ServeStatus
+from services.scorer.concepts import ConceptAggregator, QueryAggregate, ScoredImage, decision_id
+from services.scorer.engine import EngineConfig, ItemFailed, ScoringEngine, ServeOutcome, ServeStatus, ServingModel
 from services.scorer.metrics import SOURCE_EVENT, ScorerMetrics
 from services.scorer.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from services.scorer.records import ExplorationTarget
+from services.scorer.rewards import l2_normalise
 from services.scorer.servicer import SERVICE_NAME, ScorerServicer
 
 log = logging.getLogger(__name__)
@@ -47,6 +62,8 @@ SCORED_KINDS = frozenset(
     }
 )
 _MAX_REASON_CHARS = 1000
+_PERSISTED_MEMORY = 65536
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,17 @@ class ScorerSettings(ServiceSettings):
     triton_timeout_s: float = setting(60.0, help="timeout of one Triton inference or metadata request", minimum=0.1)
     triton_load_timeout_s: float = setting(300.0, help="timeout of one Triton model load", minimum=1.0)
     model_ready_timeout_s: float = setting(60.0, help="seconds a loaded version may take to report ready", minimum=0.0)
+    scorer_decision_batch_max: int = setting(
+        128, help="decisions polled, and scored together in one set of Triton requests, at most per batch", minimum=1, maximum=4096
+    )
+    scorer_io_threads: int = setting(8, help="threads reading and decoding images (S3 reads and Pillow release the GIL)", minimum=1, maximum=128)
+    scorer_persist_embeddings: bool = setting(True, help="write the embedding of every image scored from events to S3 shards per model version")
+    scorer_persist_banks: bool = setting(True, help="keep target banks in S3 per model version, so a restart reads them back instead of re-embedding")
+    scorer_discard_failed_versions: bool = setting(
+        True, help="remove a version Triton refused to load from IEX_MODEL_REPOSITORY (else every later load of the model retries it)"
+    )
+    scorer_concept_top: int = setting(10, help="image rewards averaged into a running concept reward (paper: top 10)", minimum=1, maximum=1000)
+    scorer_publish_concept_rewards: bool = setting(True, help="publish ConceptRewardUpdated (running per-query rewards) as images are scored")
 
 
 class ScorerService(Service):
@@ -80,6 +108,8 @@ class ScorerService(Service):
 
     def __init__(self, settings: ScorerSettings, *, encoder=None, store=None) -> None:
         super().__init__(settings)
+        # The consumer loop reads this when it starts: it bounds the decisions scored together.
+        self.max_poll_records = settings.scorer_decision_batch_max
         if store is not None:
             self.store = store
         if encoder is None:
@@ -107,9 +137,21 @@ class ScorerService(Service):
                 max_image_pixels=settings.max_image_pixels,
                 model_ready_timeout_s=settings.model_ready_timeout_s,
                 max_serving_explorations=settings.max_serving_explorations,
+                io_threads=settings.scorer_io_threads,
+                persist_banks=settings.scorer_persist_banks,
+                model_repository=settings.model_repository,
+                discard_failed_versions=settings.scorer_discard_failed_versions,
             ),
             self.scorer_metrics,
         )
+        self.concepts = ConceptAggregator(self.store, settings.s3_bucket, settings.scorer_concept_top)
+        # Decisions handled since the last flush, in handling order (consumer thread only).
+        self._pending: list[tuple[events_pb2.ImageDecision, EventContext | None]] = []
+        self._pending_ids: set[tuple[str, int, int]] = set()
+        # (model, version, image sha) already written to a shard by this replica: a duplicate
+        # image costs a set lookup, not another S3 object.
+        self._persisted: OrderedDict[tuple[str, int, str], None] = OrderedDict()
+        self._persisted_lock = threading.Lock()
 
     # ---- hooks -------------------------------------------------------------------------------
     def register(self, server: grpc.Server) -> list[str]:
@@ -128,7 +170,12 @@ class ScorerService(Service):
         checks["triton"] = self.encoder.server_ready
         return checks
 
+    def before_commit(self) -> None:
+        # Raises DependencyUnavailable only; the consumer loop then retries before committing.
+        self.flush_decisions()
+
     def on_stop(self) -> None:
+        self.engine.close()
         close = getattr(self.encoder, "close", None)
         if close is not None:
             close()
@@ -147,6 +194,7 @@ class ScorerService(Service):
         pending_key = records.pending_model_key(exploration_id)
         pending = self.store.get_json(self.settings.s3_bucket, pending_key)
         if pending is not None:
+            self.flush_decisions(defer_unserved=True)
             self._serve_and_announce(records.pending_model_from_json(pending))
             self.store.delete(self.settings.s3_bucket, pending_key)
 
@@ -162,53 +210,190 @@ class ScorerService(Service):
             # the same consumer, so the model is parked durably and served when it arrives.
             self._park(event)
             return
+        # Decisions handled before this event are scored with the version serving until now.
+        # Those of an exploration nothing serves yet stay buffered (this very event may be the
+        # one that makes them scorable); they are scored before the batch is committed.
+        self.flush_decisions(defer_unserved=True)
         self._serve_and_announce(event)
 
     def handle_decision(self, event: events_pb2.ImageDecision, ctx: EventContext | None = None) -> None:
+        """Validates and buffers; the batch is scored by `flush_decisions` before the commit."""
         if event.kind not in SCORED_KINDS:
             self.scorer_metrics.decisions_ignored.labels(kind=_kind_name(event.kind)).inc()
             return
-        self.score_decisions([event])
+        _checked_exploration_id(event.exploration_id)
+        if not event.object_key:
+            raise PermanentError("missing_object_key", f"decision {event.raw_sha256} of kind {_kind_name(event.kind)}")
+        if ctx is not None:
+            identity = (ctx.topic, ctx.partition, ctx.offset)
+            if identity in self._pending_ids:
+                return  # the same record handed over twice before a flush
+            self._pending_ids.add(identity)
+        self._pending.append((event, ctx))
 
     # ---- work --------------------------------------------------------------------------------
-    def score_decisions(self, decisions: Sequence[events_pb2.ImageDecision]) -> None:
-        """Rewards accepted decisions and publishes one ImageScored each.
+    @property
+    def pending_decisions(self) -> int:
+        return len(self._pending)
 
-        Takes a sequence so that events can later be batched into fewer Triton requests; today
-        each handler call passes one, so a failing item can be dead-lettered on its own.
-        """
-        by_exploration: dict[str, list[events_pb2.ImageDecision]] = {}
-        for decision in decisions:
-            by_exploration.setdefault(_checked_exploration_id(decision.exploration_id), []).append(decision)
-        failures: list[ItemFailed] = []
-        for exploration_id, group in by_exploration.items():
-            for decision in group:
-                if not decision.object_key:
-                    raise PermanentError("missing_object_key", f"decision {decision.raw_sha256} of kind {_kind_name(decision.kind)}")
-            serving = self.engine.serving(exploration_id)
+    def flush_decisions(self, *, defer_unserved: bool = False) -> None:
+        """Scores every buffered decision, grouped by exploration, one set of Triton requests per
+        group. Raises DependencyUnavailable (and keeps the buffer) when S3, Triton or Kafka is
+        away or, unless `defer_unserved`, when no model serves a buffered exploration yet."""
+        if not self._pending:
+            return
+        groups: dict[str, list[tuple[events_pb2.ImageDecision, EventContext | None]]] = {}
+        for item in self._pending:
+            groups.setdefault(item[0].exploration_id, []).append(item)
+        deferred: list[tuple[events_pb2.ImageDecision, EventContext | None]] = []
+        for exploration_id, items in groups.items():
+            try:
+                serving = self.engine.serving(exploration_id)
+            except DependencyUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - as the consumer loop would: never kill the consumer
+                log.exception("serving state could not be restored", extra={"exploration_id": exploration_id})
+                for item in items:
+                    self._dead_letter(item, _bounded_reason(exc))
+                done = {id(item) for item in items}
+                self._pending = [item for item in self._pending if id(item) not in done]
+                continue
             if serving is None:
+                if defer_unserved:
+                    deferred.extend(items)
+                    continue
                 raise DependencyUnavailable(f"no model is serving for exploration {exploration_id} yet")
-            keys = [decision.object_key for decision in group]
+            self._score_isolated(serving, items)
+            # Scored and published: a later failure of another group must not redo this one.
+            done = {id(item) for item in items}
+            self._pending = [item for item in self._pending if id(item) not in done]
+        self._pending = deferred
+        self._pending_ids = {(c.topic, c.partition, c.offset) for _, c in deferred if c is not None}
 
-            def load(index: int, keys=keys, image_size=serving.image_size):
-                data = self.store.get_or_none(self.settings.s3_bucket, keys[index])
-                if data is None:
-                    raise ItemFailed("object_missing", keys[index])
-                try:
-                    return decode_image(data, image_size, max_pixels=self.settings.max_image_pixels)
-                except ImageDecodeError as exc:
-                    raise ItemFailed("undecodable_image", f"{keys[index]}: {exc}") from exc
+    def score_decisions(self, decisions: Sequence[events_pb2.ImageDecision]) -> None:
+        """Buffers and scores `decisions` now (tools and tests; the service goes through the loop)."""
+        for decision in decisions:
+            self.handle_decision(decision)
+        self.flush_decisions()
 
-            embeddings, failed = self.engine.embed_items(serving, keys, load)
-            scored = [index for index in range(len(group)) if index not in failed]
-            rewards = self.engine.rewards(serving, embeddings[scored]) if scored else []
-            for index, reward in zip(scored, rewards):
-                self._publish_scored(group[index], float(reward), serving.ref())
-            self.scorer_metrics.images_scored.labels(source=SOURCE_EVENT).inc(len(scored))
-            failures.extend(failed.values())
-        if failures:
-            first = failures[0]
-            raise PermanentError(first.kind, str(first))
+    def _score_isolated(self, serving: ServingModel, items: list[tuple[events_pb2.ImageDecision, EventContext | None]]) -> None:
+        """Scores a group; if that fails unexpectedly, each decision gets a second attempt on its
+        own, and only the ones failing again are dead-lettered."""
+        try:
+            self._score_group(serving, items)
+            return
+        except DependencyUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - one bad image must not sink (or dead-letter) the batch
+            log.exception("decisions could not be scored together, scoring them one by one", extra={"decisions": len(items)})
+        for item in items:
+            try:
+                self._score_group(serving, [item])
+            except DependencyUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - dead-lettered with a bounded reason
+                log.warning("decision could not be scored", extra={"object_key": item[0].object_key, "error": str(exc)[:300]})
+                self._dead_letter(item, _bounded_reason(exc))
+
+    def _score_group(self, serving: ServingModel, items: list[tuple[events_pb2.ImageDecision, EventContext | None]]) -> None:
+        decisions = [decision for decision, _ in items]
+        keys = [decision.object_key for decision in decisions]
+
+        def load(index: int):
+            data = self.store.get_or_none(self.settings.s3_bucket, keys[index])
+            if data is None:
+                raise ItemFailed("object_missing", keys[index])
+            try:
+                return decode_image(data, serving.image_size, max_pixels=self.settings.max_image_pixels)
+            except ImageDecodeError as exc:
+                raise ItemFailed("undecodable_image", f"{keys[index]}: {exc}") from exc
+
+        embeddings, failed = self.engine.embed_items(serving, keys, load)
+        scored = [index for index in range(len(decisions)) if index not in failed]
+        rewards = self.engine.rewards(serving, embeddings[scored]) if scored else []
+        if scored and self.settings.scorer_persist_embeddings:
+            # Stored before anything is announced: a consumer that saw ImageScored finds the vector.
+            self._persist_embeddings(serving, [decisions[i] for i in scored], embeddings[scored])
+        model = serving.ref()
+        for index, reward in zip(scored, rewards):
+            self._publish_scored(decisions[index], float(reward), model)
+        self.scorer_metrics.images_scored.labels(source=SOURCE_EVENT).inc(len(scored))
+        self.scorer_metrics.decision_batch.observe(len(decisions))
+        if scored and self.settings.scorer_publish_concept_rewards:
+            touched = self.concepts.add(
+                ScoredImage(
+                    exploration_id=decisions[i].exploration_id,
+                    iteration=decisions[i].iteration,
+                    query_id=decisions[i].query_id,
+                    concept=decisions[i].concept,
+                    decision_id=decision_id(decisions[i].raw_sha256, decisions[i].url),
+                    reward=float(reward),
+                    model_name=serving.model_name,
+                    model_version=serving.version,
+                )
+                for i, reward in zip(scored, rewards)
+            )
+            for aggregate in touched:
+                self._publish_concept_reward(aggregate)
+        for index, failure in failed.items():
+            self._dead_letter(items[index], failure.kind)
+
+    def _persist_embeddings(self, serving: ServingModel, decisions: Sequence[events_pb2.ImageDecision], vectors) -> None:
+        keys: list[str] = []
+        rows: list[int] = []
+        with self._persisted_lock:
+            for row, decision in enumerate(decisions):
+                sha = stored_image_sha(decision)
+                if (serving.model_name, serving.version, sha) not in self._persisted:
+                    keys.append(sha)
+                    rows.append(row)
+        if not keys:
+            return
+        self.engine.embeddings.put_images(serving.model_name, serving.version, keys, l2_normalise(vectors[rows]))
+        self.scorer_metrics.embeddings_stored.inc(len(set(keys)))
+        with self._persisted_lock:
+            for sha in keys:
+                self._persisted[(serving.model_name, serving.version, sha)] = None
+            while len(self._persisted) > _PERSISTED_MEMORY:
+                self._persisted.popitem(last=False)
+
+    def _publish_concept_reward(self, aggregate: QueryAggregate) -> None:
+        top = self.settings.scorer_concept_top
+        event = events_pb2.ConceptRewardUpdated(
+            exploration_id=aggregate.exploration_id,
+            iteration=aggregate.iteration,
+            query_id=aggregate.query_id,
+            concept=aggregate.concept,
+            reward=aggregate.reward(top),
+            images_scored=len(aggregate.rewards),
+            top=top,
+            best_image_reward=aggregate.best,
+            model=common_pb2.ModelRef(name=aggregate.model_name, version=aggregate.model_version),
+            updated_at=now_timestamp(),
+        )
+        self._publisher().publish(topics.CONCEPT_REWARDS, event, key=aggregate.exploration_id)
+        self.scorer_metrics.concept_rewards_published.inc()
+
+    def _dead_letter(self, item: tuple[events_pb2.ImageDecision, EventContext | None], reason: str) -> None:
+        """What the consumer loop does with a record it gives up on, for one item of a batch."""
+        decision, ctx = item
+        reason = reason[:64]
+        letter = events_pb2.DeadLetter(
+            topic=topics.DECISIONS.name,
+            partition=ctx.partition if ctx is not None else -1,
+            offset=ctx.offset if ctx is not None else -1,
+            key=(ctx.key if ctx is not None else decision.exploration_id).encode(),
+            value=decision.SerializeToString(),
+            reason=reason,
+            attempts=1,
+            consumer_group=f"iex-{self.name}",
+            failed_at=now_timestamp(),
+        )
+        self._publisher().publish(topics.DECISIONS.dead_letter, letter, key=decision.exploration_id)
+        self.scorer_metrics.decisions_dead_lettered.labels(reason=reason).inc()
+        if self.consumer is not None:
+            self.consumer.dead_lettered.labels(topic=topics.DECISIONS.name, reason=reason).inc()
+        log.warning("decision dead-lettered", extra={"object_key": decision.object_key, "reason": reason})
 
     def _publish_scored(self, decision: events_pb2.ImageDecision, reward: float, model: common_pb2.ModelRef) -> None:
         event = events_pb2.ImageScored(
@@ -272,6 +457,25 @@ class ScorerService(Service):
         if self.publisher is None:
             raise DependencyUnavailable("publisher not started")
         return self.publisher
+
+
+def stored_image_sha(decision: events_pb2.ImageDecision) -> str:
+    """Identity of the image that was embedded: the stored object the decision is credited with
+    (itself when unique, the image it duplicates otherwise)."""
+    if decision.kind != common_pb2.DECISION_KIND_UNIQUE and decision.duplicate_of:
+        return decision.duplicate_of
+    if decision.pixel_sha256:
+        return decision.pixel_sha256
+    tail = decision.object_key.rsplit("/", 1)[-1]
+    return tail if len(tail) == 64 and set(tail) <= _HEX else "key-" + decision.object_key
+
+
+def _bounded_reason(exc: BaseException) -> str:
+    if isinstance(exc, PermanentError):
+        return exc.reason
+    if isinstance(exc, ItemFailed):
+        return exc.kind
+    return type(exc).__name__
 
 
 def _checked_exploration_id(exploration_id: str) -> str:

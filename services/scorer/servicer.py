@@ -1,4 +1,5 @@
-"""gRPC API `iex.v1.ScorerService`: rewards of ad-hoc images, and which model serves an exploration."""
+"""gRPC API `iex.v1.ScorerService`: rewards of ad-hoc images, which model serves an exploration, and
+the stored embeddings of scored images."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_REQUEST = 256
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# 256 x 2048-d float32 is 2 MiB: under gRPC's default 4 MiB receive limit of a client.
+MAX_EMBEDDINGS_PER_REQUEST = 256
+_HEX = frozenset("0123456789abcdef")
 
 SERVICE_NAME = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
 
@@ -46,14 +50,18 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         if serving is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"exploration_id: no model is serving for {exploration_id!r} yet")
 
-        # Decode everything first: a bad image is the caller's error and must be reported as such
-        # before any Triton work is spent on the others.
-        pixels = []
-        for index, data in enumerate(images):
+        # Decode everything first (in parallel): a bad image is the caller's error and must be
+        # reported as such before any Triton work is spent on the others.
+        def decode(data: bytes):
             try:
-                pixels.append(decode_image(data, serving.image_size, max_pixels=self.engine.config.max_image_pixels))
+                return decode_image(data, serving.image_size, max_pixels=self.engine.config.max_image_pixels)
             except ImageDecodeError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"images[{index}]: {exc}")
+                return exc
+
+        pixels = self.engine.map_io(decode, images)
+        for index, decoded in enumerate(pixels):
+            if isinstance(decoded, ImageDecodeError):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"images[{index}]: {decoded}")
         keys = ["sha256:" + hashlib.sha256(data).hexdigest() for data in images]
 
         def load(index: int):
@@ -90,6 +98,48 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             target_bank_size=record.target_bank_size,
         )
 
+    def GetEmbeddings(self, request: scorer_pb2.GetEmbeddingsRequest, context: grpc.ServicerContext) -> scorer_pb2.GetEmbeddingsResponse:
+        exploration_id = self._known_exploration(request.exploration_id, context)
+        shas = list(request.pixel_sha256)
+        if not shas:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pixel_sha256: at least one is required")
+        if len(shas) > MAX_EMBEDDINGS_PER_REQUEST:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"pixel_sha256: at most {MAX_EMBEDDINGS_PER_REQUEST} per request, got {len(shas)}")
+        for index, sha in enumerate(shas):
+            if len(sha) != 64 or not set(sha) <= _HEX:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"pixel_sha256[{index}]: not a lower-case hex sha256")
+        name, version = request.model.name, int(request.model.version)
+        if version < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model.version: must be >= 0, got {version}")
+        if not name or version == 0:
+            try:
+                state = self.engine.current(exploration_id)
+                record = None if state is not None else self.engine.serving_record(exploration_id)
+            except DependencyUnavailable as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"object store not available: {exc}")
+            served = (state.model_name, state.version) if state is not None else (record.model_name, record.version) if record else None
+            if served is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"exploration_id: no model has served {exploration_id!r} yet")
+            name = name or served[0]
+            version = version or (served[1] if name == served[0] else 0)
+            if version == 0:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model.version: required for model {name!r}, which does not serve this exploration")
+        try:
+            found = self.engine.embeddings.lookup(name, version, shas)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}")
+        except DependencyUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"object store not available: {exc}")
+        response = scorer_pb2.GetEmbeddingsResponse(model=common_pb2.ModelRef(name=name, version=version))
+        for sha in dict.fromkeys(shas):
+            vector = found.get(sha)
+            if vector is None:
+                response.missing.append(sha)
+            else:
+                response.dimension = int(vector.shape[0])
+                response.embeddings.add(pixel_sha256=sha, values=vector.tolist())
+        return response
+
     def _known_exploration(self, exploration_id: str, context: grpc.ServicerContext) -> str:
         if not exploration_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exploration_id: required")
@@ -104,4 +154,4 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         return exploration_id
 
 
-__all__ = ["MAX_IMAGES_PER_REQUEST", "MAX_IMAGE_BYTES", "SERVICE_NAME", "ScorerServicer"]
+__all__ = ["MAX_EMBEDDINGS_PER_REQUEST", "MAX_IMAGES_PER_REQUEST", "MAX_IMAGE_BYTES", "SERVICE_NAME", "ScorerServicer"]

@@ -2,11 +2,15 @@
 
 Each line of corpus.jsonl is one JSON object:
   id       (required) URL-safe identifier, [A-Za-z0-9][A-Za-z0-9._-]{0,127}; unique
-  file     (required) path of the image relative to the directory; must stay inside it
+  file     path of the image relative to the directory; must stay inside it (served at /images/<id>)
+  url      or an http(s) URL of an image hosted elsewhere (a parquet of url,caption, a LAION-style
+           index): results point at that URL and this service serves no bytes for it
+           (exactly one of file and url)
   caption  (required) the text that search matches against
   synset, concept, license, sha256 (optional strings; sha256 of the file's bytes enables
            deduplication of identical images in results)
-Unknown keys are ignored so that corpora can carry extra provenance.
+Unknown keys are ignored so that corpora can carry extra provenance. `services.search.ingest`
+writes corpora from a folder of images, a parquet of url,caption or WebDataset shards.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
+from urllib.parse import urlsplit
 
 CORPUS_FILE = "corpus.jsonl"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MAX_CAPTION_CHARS = 2000
+MAX_URL_CHARS = 2048
 # SVG is left out on purpose: served from our origin it could carry script.
 CONTENT_TYPES = {
     ".png": "image/png",
@@ -51,13 +57,24 @@ class CorpusRecord:
     concept: str = ""
     license: str = ""
     sha256: str = ""
+    url: str = ""
 
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[PurePosixPath(self.file).suffix.lower()]
 
+    @property
+    def is_remote(self) -> bool:
+        """Hosted elsewhere: results carry `url`, and no bytes are served for it here."""
+        return bool(self.url)
+
+    @property
+    def identity(self) -> str:
+        """What makes two records the same image for deduplication: bytes when known, else location."""
+        return self.sha256 or self.file or self.url
+
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v != "" or k in ("id", "file", "caption")}
+        return {k: v for k, v in asdict(self).items() if v != "" or k in ("id", "caption") or (k == "file" and not self.url)}
 
 
 @dataclass
@@ -77,8 +94,9 @@ class Corpus:
     def get(self, image_id: str) -> CorpusRecord | None:
         return self.by_id.get(image_id)
 
-    def path_of(self, record: CorpusRecord) -> Path:
-        return self.root / record.file
+    def path_of(self, record: CorpusRecord) -> Path | None:
+        """The image file of a local record; None for a remote one."""
+        return None if record.is_remote else self.root / record.file
 
 
 def _safe_relative(file: str) -> str | None:
@@ -93,19 +111,44 @@ def _safe_relative(file: str) -> str | None:
     return None
 
 
+def url_problem(url: str) -> str | None:
+    if len(url) > MAX_URL_CHARS:
+        return f"longer than {MAX_URL_CHARS} characters"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL with a host"
+    if any(c in url for c in " \t\r\n\x00"):
+        return "must not contain whitespace or control characters"
+    return None
+
+
 def parse_record(obj: object) -> tuple[CorpusRecord | None, str | None]:
     """(record, None) or (None, "<field>: <problem>")."""
     if not isinstance(obj, dict):
         return None, "line: must be a JSON object"
-    for name in ("id", "file", "caption"):
+    for name in ("id", "caption"):
         if not isinstance(obj.get(name), str):
             return None, f"{name}: required string"
-    image_id, file, caption = obj["id"], obj["file"], obj["caption"]
+    image_id, caption = obj["id"], obj["caption"]
+    file, url = obj.get("file"), obj.get("url")
     if not ID_PATTERN.match(image_id):
         return None, f"id: {image_id[:60]!r} must match {ID_PATTERN.pattern}"
-    problem = _safe_relative(file)
-    if problem:
-        return None, f"file: {problem}"
+    if (file is None) == (url is None):
+        return None, "file: exactly one of file and url is required"
+    if url is not None:
+        if not isinstance(url, str):
+            return None, "url: must be a string"
+        problem = url_problem(url)
+        if problem:
+            return None, f"url: {problem}"
+        file = ""
+    else:
+        if not isinstance(file, str):
+            return None, "file: required string"
+        problem = _safe_relative(file)
+        if problem:
+            return None, f"file: {problem}"
+        url = ""
     if not caption.strip():
         return None, "caption: must not be empty"
     if len(caption) > MAX_CAPTION_CHARS:
@@ -120,7 +163,7 @@ def parse_record(obj: object) -> tuple[CorpusRecord | None, str | None]:
         optional[name] = value
     if optional.get("sha256") and not SHA256_PATTERN.match(optional["sha256"]):
         return None, "sha256: must be 64 lowercase hex digits"
-    return CorpusRecord(id=image_id, file=file, caption=caption.strip(), **optional), None
+    return CorpusRecord(id=image_id, file=file, caption=caption.strip(), url=url, **optional), None
 
 
 def load_corpus(root: str | Path, check_files: bool = True) -> Corpus:
@@ -155,7 +198,7 @@ def load_corpus(root: str | Path, check_files: bool = True) -> Corpus:
         if record.id in first_line_of:
             problems.append(f"{CORPUS_FILE}:{number}: id: {record.id!r} duplicates line {first_line_of[record.id]}")
             continue
-        if check_files:
+        if check_files and not record.is_remote:
             # resolve() follows symlinks, so a link pointing outside the corpus is refused here too.
             target = (root / record.file).resolve()
             if not target.is_relative_to(resolved_root):
@@ -174,14 +217,14 @@ def load_corpus(root: str | Path, check_files: bool = True) -> Corpus:
 
 
 def write_corpus(root: str | Path, records: Iterable[CorpusRecord]) -> Path:
-    """Writes corpus.jsonl atomically (readers never see half a listing)."""
+    """Writes corpus.jsonl atomically (readers never see half a listing), streaming the records."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     fd, tmp = tempfile.mkstemp(prefix=".corpus-", dir=root)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(lines)
+            for record in records:
+                out.write(json.dumps(record.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
         os.replace(tmp, root / CORPUS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -111,7 +111,9 @@ class SearchEngine:
             index = self.resolve(indice_name)
             query = self.embedder.embed([text])[0]
             matches = index.search(query, num_images, deduplicate=deduplicate)
-            hits = [SearchHit(m.record.id, self.image_url(m.record.id), m.record.caption, round(m.similarity, 6)) for m in matches]
+            hits = [
+                SearchHit(m.record.id, m.record.url or self.image_url(m.record.id), m.record.caption, round(m.similarity, 6)) for m in matches
+            ]
             outcome = "ok"
             return hits
         except InvalidQuery:
@@ -125,9 +127,11 @@ class SearchEngine:
             self.metrics.query_latency.labels(interface=interface).observe(time.perf_counter() - started)
 
     def image(self, image_id: str) -> tuple[CorpusRecord, Path] | None:
-        """The record and file of an image id; ids never become paths, so nothing outside a corpus is reachable."""
+        """The record and file of a locally served image id; ids never become paths, so nothing outside
+        a corpus is reachable. Remote records (a url instead of a file) are not served here."""
         for index in self.indices.values():
             record = index.corpus.get(image_id)
             if record is not None:
-                return record, index.corpus.path_of(record)
+                path = index.corpus.path_of(record)
+                return None if path is None else (record, path)
         return None

@@ -1,11 +1,13 @@
 """The search service: gRPC `iex.v1.SearchService` plus the HTTP server of web.py, over one corpus.
 
 It consumes no topics. On start it loads the corpus (failing fast on a bad one), loads MiniLM once,
-embeds the distinct captions (or reuses cached embeddings) and starts HTTP; gRPC comes up after.
+reloads the persisted index (local cache, then S3) or embeds the distinct captions and persists
+them, and starts HTTP; gRPC comes up after.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -19,9 +21,13 @@ from services.common.service import Check, Service
 from services.common.settings import ServiceSettings, SettingsError, env_name, setting
 from services.search.corpus import CORPUS_FILE, CorpusError, load_corpus
 from services.search.engine import InvalidQuery, SearchEngine, SearchMetrics, UnknownIndex
-from services.search.index import LocalIndexStore, build_caption_index, shared_minilm
+from services.search.index import AUTO_HNSW_THRESHOLD, INDEX_TYPES, IndexOptions, build_caption_index, shared_minilm
+from services.search.query_encoder import OnnxQueryEncoder
+from services.search.index_store import DEFAULT_S3_PREFIX, ChainedIndexStore, IndexStore, LocalIndexStore, S3IndexStore
 from services.search.web import SearchHttpServer
 
+
+log = logging.getLogger(__name__)
 
 INDEX_CACHE_SUBDIR = ".iex-index"
 
@@ -32,8 +38,15 @@ class SearchSettings(ServiceSettings):
     search_http_port: int = setting(SERVICE_PORTS["search"].http, help="HTTP port for /images, /knn-service and /indices-list", minimum=0, maximum=65535)
     search_public_base_url: str = setting("", help="base of image URLs in results, as clients reach this service; empty: http://127.0.0.1:<http port>")
     search_default_index: str = setting("offline-web", help="name of the corpus index; requests with an empty indice_name use it")
-    search_index_cache_dir: str = setting("", help=f"where caption embeddings are cached between starts; empty: <corpus dir>/{INDEX_CACHE_SUBDIR}; 'off' disables")
-    search_torch_threads: int = setting(1, help="torch threads for query embedding (1 keeps single-query latency low on busy CPUs)", minimum=1, maximum=64)
+    search_index_cache_dir: str = setting("", help=f"where caption embeddings are cached between starts on this machine; empty: <corpus dir>/{INDEX_CACHE_SUBDIR}; 'off' disables")
+    search_index_s3: bool = setting(True, help="persist the index (embeddings and any HNSW graph) in S3 and reload it from there on start, so new replicas and restarts skip embedding")
+    search_index_s3_prefix: str = setting(DEFAULT_S3_PREFIX, help="key prefix of persisted indices in IEX_S3_BUCKET (<prefix>/<index>/<digest>/...)")
+    search_index_type: str = setting("auto", help=f"flat: exact search; hnsw: faiss HNSW graph (approximate, for millions of captions); auto: hnsw above {AUTO_HNSW_THRESHOLD} distinct captions", choices=INDEX_TYPES)
+    search_hnsw_m: int = setting(32, help="HNSW graph degree (more: better recall, more memory)", minimum=4, maximum=256)
+    search_hnsw_ef_construction: int = setting(80, help="HNSW build-time search depth", minimum=8, maximum=2048)
+    search_hnsw_ef_search: int = setting(128, help="HNSW query-time search depth (raised to num_images when larger)", minimum=8, maximum=4096)
+    search_query_runtime: str = setting("onnxruntime", help="what embeds queries: onnxruntime (the MiniLM graph exported at start, same vectors, ~2x less CPU per query) or torch", choices=("onnxruntime", "torch"))
+    search_torch_threads: int = setting(1, help="threads embedding one query, on either runtime (1 keeps single-query latency low on busy CPUs)", minimum=1, maximum=64)
 
     def __post_init__(self) -> None:
         corpus_dir = Path(self.search_corpus_dir)
@@ -110,17 +123,32 @@ class SearchService(Service):
             self.engine.public_base_url = (self.settings.search_public_base_url or f"http://{LOOPBACK}:{self.http.port}").rstrip("/")
             self.http.start()
 
+    def index_store(self) -> IndexStore | None:
+        """Local cache first (fast), then S3 (shared by replicas, survives the machine)."""
+        stores: list[IndexStore] = []
+        cache_dir = self.settings.index_cache_dir
+        if cache_dir:
+            stores.append(LocalIndexStore(cache_dir))
+        if self.settings.search_index_s3:
+            stores.append(S3IndexStore(self.store, self.settings.s3_bucket, self.settings.search_index_s3_prefix))
+        if not stores:
+            return None
+        return stores[0] if len(stores) == 1 else ChainedIndexStore(stores)
+
     def build_engine(self) -> SearchEngine:
         import torch
 
         embedder = shared_minilm()
-        cache_dir = self.settings.index_cache_dir
+        s = self.settings
+        options = IndexOptions(s.search_index_type, s.search_hnsw_m, s.search_hnsw_ef_construction, s.search_hnsw_ef_search)
         # Embedding the corpus is one big batch job: all cores. Queries then run on few threads each.
-        index = build_caption_index(
-            self.settings.search_default_index, self.corpus, embedder, LocalIndexStore(cache_dir) if cache_dir else None
-        )
+        index = build_caption_index(s.search_default_index, self.corpus, embedder, self.index_store(), options=options)
         torch.set_num_threads(self.settings.search_torch_threads)
-        return SearchEngine({index.name: index}, index.name, embedder, self.settings.search_public_base_url, self.search_metrics)
+        query_embedder = embedder
+        if s.search_query_runtime == "onnxruntime":
+            query_embedder = OnnxQueryEncoder(embedder, threads=s.search_torch_threads)
+            log.info("query embedding ready", extra={"runtime": query_embedder.runtime, "seconds": round(query_embedder.load_seconds, 2)})
+        return SearchEngine({index.name: index}, index.name, query_embedder, self.settings.search_public_base_url, self.search_metrics)
 
     def register(self, server: grpc.Server) -> list[str]:
         assert self.engine is not None, "on_start builds the engine before the server is created"

@@ -210,7 +210,10 @@ class MoCoV3(nn.Module):
 
 class LARS(torch.optim.Optimizer):
     """LARS as in MoCo-v3's reference code: weight decay and the trust ratio apply to weight
-    matrices and kernels only; biases and normalisation parameters (1-d) take plain momentum SGD."""
+    matrices and kernels only; biases and normalisation parameters (1-d) take plain momentum SGD.
+
+    The update runs as multi-tensor (foreach) kernels: a ResNet-50 has 161 parameter tensors, and
+    one launch per tensor and operation would cost several milliseconds per step on a GPU."""
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
@@ -223,28 +226,40 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if p.ndim > 1:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                    param_norm = torch.norm(p)
-                    update_norm = torch.norm(grad)
-                    one = torch.ones_like(param_norm)
-                    trust = torch.where(
-                        param_norm > 0.0,
-                        torch.where(update_norm > 0.0, group["trust_coefficient"] * param_norm / update_norm, one),
-                        one,
-                    )
-                    grad = grad.mul(trust)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates: list[torch.Tensor] = [p.grad for p in params]
+            scaled = [i for i, p in enumerate(params) if p.ndim > 1]
+            if scaled:
+                weights = [params[i] for i in scaled]
+                grads = torch._foreach_add([updates[i] for i in scaled], weights, alpha=group["weight_decay"])
+                param_norm = torch.stack(torch._foreach_norm(weights))
+                update_norm = torch.stack(torch._foreach_norm(grads))
+                one = torch.ones_like(param_norm)
+                trust = torch.where(
+                    param_norm > 0.0,
+                    torch.where(update_norm > 0.0, group["trust_coefficient"] * param_norm / update_norm, one),
+                    one,
+                )
+                torch._foreach_mul_(grads, list(trust.unbind()))
+                for i, grad in zip(scaled, grads):
+                    updates[i] = grad
+            mus = []
+            for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(grad)
-                p.add_(mu, alpha=-group["lr"])
+                mus.append(state["mu"])
+            torch._foreach_mul_(mus, group["momentum"])
+            torch._foreach_add_(mus, updates)
+            torch._foreach_add_(params, mus, alpha=-group["lr"])
         return loss
+
+
+# MoCo-v3's base learning rates (per 256 images) and weight decays: ResNet recipe with LARS,
+# ViT recipe with AdamW.
+OPTIMIZER_DEFAULTS = {"lars": {"base_lr": 0.6, "weight_decay": 1e-6}, "adamw": {"base_lr": 1.5e-4, "weight_decay": 0.1}}
 
 
 def build_optimizer(name: str, parameters: Sequence[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
@@ -282,16 +297,47 @@ FIRST_VIEW = ViewRecipe(blur_p=1.0, solarize_p=0.0)
 SECOND_VIEW = ViewRecipe(blur_p=0.1, solarize_p=0.2)
 
 
+class _Draws:
+    """Random draws for the rows [offset, offset + count) of a global batch of `total` images.
+
+    Every rank of a data-parallel run draws the whole global batch from identically seeded
+    generators and keeps its own rows, so an image at global position i is augmented the same way
+    whether the run has one process or eight."""
+
+    def __init__(self, generator: torch.Generator, total: int, offset: int, count: int) -> None:
+        if offset < 0 or count < 1 or offset + count > total:
+            raise ValueError(f"rows [{offset}, {offset + count}) outside a batch of {total}")
+        self.generator, self.total, self.offset, self.count = generator, total, offset, count
+
+    def rand(self, k: int = 1) -> torch.Tensor:
+        values = torch.rand(self.total * k, generator=self.generator).view(self.total, k)
+        rows = values[self.offset : self.offset + self.count]
+        return rows[:, 0] if k == 1 else rows
+
+    def uniform(self, low: float, high: float, k: int = 1) -> torch.Tensor:
+        return low + (high - low) * self.rand(k)
+
+    def coin(self, p: float, device: torch.device) -> torch.Tensor:
+        return (self.rand() < p).to(device)
+
+    def permutation(self, n: int) -> list[int]:
+        """One order for the whole batch (torchvision's ColorJitter also draws one per call)."""
+        return torch.randperm(n, generator=self.generator).tolist()
+
+
 class TwoViewAugment:
     """MoCo-v3's two augmentation pipelines, sampled per image but applied to the whole batch.
 
     Per view: RandomResizedCrop(scale=(min_scale, 1), ratio 3/4-4/3), horizontal flip (0.5),
     colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8, grayscale (0.2), Gaussian blur
     (view 1 always, view 2 with 0.1) and solarisation (view 2 with 0.2), then normalisation.
-    The blur's sigma range (0.1-2.0 at 224 px) scales with the output size so small images are
-    blurred as much, relatively, as the reference ones. Hue jitter rotates the YIQ chroma plane,
-    the batched equivalent of torchvision's HSV hue shift. Randomness comes from `generator`, so a
-    seeded generator reproduces a run.
+    Each operation matches torchvision.transforms.v2's functional op for the same parameters
+    (tests/unit/test_trainer_augment.py checks it), except hue: torchvision shifts the HSV hue,
+    here the YIQ chroma plane is rotated, its batched equivalent. The blur's sigma range (0.1-2.0
+    at 224 px) scales with the output size so small images are blurred as much, relatively, as
+    the reference ones. Randomness comes from `generator`, so a seeded generator reproduces a run;
+    per-image torchvision pipelines in loader workers cost several times the model's step on small
+    images, which is why the batch is augmented as one tensor (on the GPU when training there).
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2) -> None:
@@ -308,39 +354,45 @@ class TwoViewAugment:
         scale = image_size / 224.0
         self.blur_sigma = (0.1 * scale, 2.0 * scale)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (or [0, 1] float) images [B, 3, H, W] -> two normalised float views [B, 3, S, S]."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        return self.view(x, FIRST_VIEW, generator), self.view(x, SECOND_VIEW, generator)
+    def __call__(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        offset: int = 0,
+        total: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (or [0, 1] float) images [B, 3, H, W] -> two normalised float views [B, 3, S, S].
 
-    def view(self, x: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
+        `images` are rows [offset, offset + B) of a global batch of `total` (default B) images."""
+        b = images.shape[0]
+        total = b if total is None else total
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        first = self.view(x, FIRST_VIEW, _Draws(generator, total, offset, b))
+        second = self.view(x, SECOND_VIEW, _Draws(generator, total, offset, b))
+        return first, second
+
+    def view(self, x: torch.Tensor, recipe: ViewRecipe, draws: _Draws) -> torch.Tensor:
         b = x.shape[0]
-        out = self._resized_crop(x, generator)
-        flip = self._coin(b, 0.5, generator, out.device)
+        out = self._resized_crop(x, self._crop_boxes(draws, x.shape[2], x.shape[3]))
+        flip = draws.coin(0.5, out.device)
         out = torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
-        out = self._colour_jitter(out, generator)
-        gray = self._coin(b, 0.2, generator, out.device)
+        out = self._colour_jitter(out, draws)
+        gray = draws.coin(0.2, out.device)
         out = torch.where(gray.view(b, 1, 1, 1), _grayscale(out).expand_as(out), out)
-        out = self._blur(out, recipe.blur_p, generator)
+        out = self._blur(out, recipe.blur_p, draws)
         if recipe.solarize_p > 0:
-            solarize = self._coin(b, recipe.solarize_p, generator, out.device).view(b, 1, 1, 1)
+            solarize = draws.coin(recipe.solarize_p, out.device).view(b, 1, 1, 1)
             out = torch.where(solarize & (out >= 0.5), 1.0 - out, out)
         return (out - self.mean.to(out.device)) / self.std.to(out.device)
 
-    @staticmethod
-    def _coin(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) < p).to(device)
-
-    @staticmethod
-    def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
-
-    def _crop_boxes(self, b: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-        """torchvision's RandomResizedCrop.get_params, vectorised: 10 tries, else the whole image."""
+    def _crop_boxes(self, draws: _Draws, height: int, width: int) -> torch.Tensor:
+        """torchvision's RandomResizedCrop.get_params, vectorised: 10 tries, else the whole image.
+        Rows: (index, left, top, right, bottom) in pixels."""
         tries = 10
+        b = draws.count
         area = float(height * width)
-        target = area * self._uniform(b * tries, self.min_scale, 1.0, generator).view(b, tries)
-        log_ratio = self._uniform(b * tries, math.log(3 / 4), math.log(4 / 3), generator).view(b, tries)
+        target = area * draws.uniform(self.min_scale, 1.0, tries)
+        log_ratio = draws.uniform(math.log(3 / 4), math.log(4 / 3), tries)
         ratio = torch.exp(log_ratio)
         w = torch.sqrt(target * ratio).round()
         h = torch.sqrt(target / ratio).round()
@@ -350,13 +402,12 @@ class TwoViewAugment:
         pick = first.clamp(min=0)
         w = torch.where(first >= 0, w[rows, pick], torch.full((b,), float(width)))
         h = torch.where(first >= 0, h[rows, pick], torch.full((b,), float(height)))
-        top = torch.floor(torch.rand(b, generator=generator) * (height - h + 1))
-        left = torch.floor(torch.rand(b, generator=generator) * (width - w + 1))
+        top = torch.floor(draws.rand() * (height - h + 1))
+        left = torch.floor(draws.rand() * (width - w + 1))
         return torch.stack([rows.float(), left, top, left + w, top + h], dim=1)
 
-    def _resized_crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _resized_crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         b, _, height, width = x.shape
-        boxes = self._crop_boxes(b, height, width, generator)
         left, top, right, bottom = boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
         # Box -> affine map of the output grid onto the crop (normalised coordinates, pixel
         # edges at -1 and 1); bilinear sampling, 3x cheaper than roi_align on a CPU.
@@ -368,46 +419,67 @@ class TwoViewAugment:
         grid = F.affine_grid(theta.to(x.device, x.dtype), [b, 3, self.image_size, self.image_size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def _colour_jitter(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _colour_jitter(self, x: torch.Tensor, draws: _Draws) -> torch.Tensor:
         b = x.shape[0]
-        apply = self._coin(b, 0.8, generator, torch.device("cpu"))
+        apply = draws.coin(0.8, torch.device("cpu"))
         ones = torch.ones(b)
-        brightness = torch.where(apply, self._uniform(b, 0.6, 1.4, generator), ones)
-        contrast = torch.where(apply, self._uniform(b, 0.6, 1.4, generator), ones)
-        saturation = torch.where(apply, self._uniform(b, 0.8, 1.2, generator), ones)
-        hue = torch.where(apply, self._uniform(b, -0.1, 0.1, generator), torch.zeros(b))
-        order = torch.randperm(4, generator=generator).tolist()
+        brightness = torch.where(apply, draws.uniform(0.6, 1.4), ones)
+        contrast = torch.where(apply, draws.uniform(0.6, 1.4), ones)
+        saturation = torch.where(apply, draws.uniform(0.8, 1.2), ones)
+        hue = torch.where(apply, draws.uniform(-0.1, 0.1), torch.zeros(b))
         dev = x.device
-        for op in order:
+        for op in draws.permutation(4):
             if op == 0:
-                x = (x * brightness.to(dev).view(b, 1, 1, 1)).clamp(0, 1)
+                x = adjust_brightness(x, brightness.to(dev))
             elif op == 1:
-                mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-                c = contrast.to(dev).view(b, 1, 1, 1)
-                x = (c * x + (1 - c) * mean).clamp(0, 1)
+                x = adjust_contrast(x, contrast.to(dev))
             elif op == 2:
-                s = saturation.to(dev).view(b, 1, 1, 1)
-                x = (s * x + (1 - s) * _grayscale(x)).clamp(0, 1)
+                x = adjust_saturation(x, saturation.to(dev))
             else:
                 x = _rotate_hue(x, hue.to(dev)).clamp(0, 1)
         return x
 
-    def _blur(self, x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    def _blur(self, x: torch.Tensor, p: float, draws: _Draws) -> torch.Tensor:
         if p <= 0:
             return x
-        b, c, h, w = x.shape
-        apply = self._coin(b, p, generator, x.device)
-        sigma = self._uniform(b, *self.blur_sigma, generator).to(x.device)
-        k = self.blur_kernel
-        offsets = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-        kernel = torch.exp(-(offsets.view(1, k) ** 2) / (2 * sigma.view(b, 1) ** 2))
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)
-        kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (image, channel) group
-        pad = k // 2
-        flat = x.reshape(1, b * c, h, w)
-        flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(b * c, 1, 1, k), groups=b * c)
-        flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(b * c, 1, k, 1), groups=b * c)
-        return torch.where(apply.view(b, 1, 1, 1), flat.view(b, c, h, w), x)
+        apply = draws.coin(p, x.device)
+        sigma = draws.uniform(*self.blur_sigma).to(x.device)
+        blurred = gaussian_blur(x, self.blur_kernel, sigma)
+        return torch.where(apply.view(-1, 1, 1, 1), blurred, x)
+
+
+# Per-image colour and blur operations on [B, 3, H, W] floats in [0, 1], one factor per image.
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    c = factor.view(-1, 1, 1, 1)
+    return (c * x + (1 - c) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    s = factor.view(-1, 1, 1, 1)
+    return (s * x + (1 - s) * _grayscale(x)).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding, one sigma per image (torchvision's
+    gaussian_blur, batched)."""
+    b, c, h, w = x.shape
+    k = kernel_size
+    offsets = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+    kernel = torch.exp(-(offsets.view(1, k) ** 2) / (2 * sigma.to(x.dtype).view(b, 1) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (image, channel) group
+    pad = k // 2
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(b * c, 1, 1, k), groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(b * c, 1, k, 1), groups=b * c)
+    return flat.view(b, c, h, w)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:

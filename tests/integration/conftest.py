@@ -57,3 +57,12 @@ def stack_env(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def state_dir(stack_env) -> Path:
     return Path(stack_env["IEX_STATE_DIR"])
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules that start their own servers run before the shared session stack exists.
+
+    The shared stack lives until the session ends; a module with its own stack on the same ports
+    would otherwise find them taken.
+    """
+    items.sort(key=lambda item: "stack_env" in getattr(item, "fixturenames", ()))

@@ -24,6 +24,7 @@ from services.dedup import hashing, store as store_mod
 from services.dedup.explorations import ExplorationDirectory
 from services.dedup.service import DedupService
 from services.dedup.settings import DedupSettings
+from services.dedup.sharedindex import SharedNearIndex
 from services.dedup.stats import DedupStats
 from services.dedup.store import Deduplicator, DedupPolicy
 from services.dedup.targets import TargetGuard
@@ -180,10 +181,11 @@ def planner() -> FakePlanner:
     return FakePlanner()
 
 
-def make_deduplicator(store, planner=None, **policy) -> tuple[Deduplicator, ExplorationDirectory]:
+def make_deduplicator(store, planner=None, near_max_distance=20, **policy) -> tuple[Deduplicator, ExplorationDirectory]:
     directory = ExplorationDirectory(store, BUCKET, planner)
     guard = TargetGuard(store, BUCKET, directory.target_uri, max_pixels=hashing.DEFAULT_MAX_PIXELS)
-    return Deduplicator(store, BUCKET, guard, DedupPolicy(**policy)), directory
+    near = SharedNearIndex(store, BUCKET, "test-writer", near_max_distance)
+    return Deduplicator(store, BUCKET, guard, DedupPolicy(**policy), near=near), directory
 
 
 @pytest.fixture
@@ -306,7 +308,7 @@ def test_target_eval_image_contaminates_the_target(store, dedup):
     assert exact.decision.reason == "exact_pixels" and exact.decision.hamming_distance == 0
     assert exact.decision.object_key == "" and exact.stored is None
     assert near.decision.kind == CONTAMINATES_TARGET and near.decision.reason == "near_hash"
-    assert 0 < near.decision.hamming_distance <= 8
+    assert 0 < near.decision.hamming_distance <= DedupPolicy().contamination_max_distance
     # Only evaluation images are protected; training images of the target are fine to find.
     assert train_copy.decision.kind == UNIQUE
     assert store.keys("images/") == [train_copy.decision.object_key]
@@ -315,7 +317,7 @@ def test_target_eval_image_contaminates_the_target(store, dedup):
 
 
 def test_near_matching_can_be_turned_off(store):
-    deduplicator, directory = make_deduplicator(store, contamination_max_hamming=-1)
+    deduplicator, directory = make_deduplicator(store, contamination_max_distance=-1)
     directory.remember("exp-1", TARGET_URI)
     eval_image = photo(9)
     put_target(store, {"eval/daisy/2.png": encode(eval_image)})
@@ -547,7 +549,8 @@ def test_entry_point_refuses_bad_settings_before_touching_anything():
     import subprocess
     import sys
 
-    env = {**os.environ, "IEX_MIN_IMAGE_SIDE": "0", "IEX_CONTAMINATION_MAX_HAMMING": "99"}
+    env = {**os.environ, "IEX_MIN_IMAGE_SIDE": "0", "IEX_CONTAMINATION_MAX_DISTANCE": "99", "IEX_NEAR_DUPLICATE_MAX_DISTANCE": "x"}
     result = subprocess.run([sys.executable, "-m", "services.dedup"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "IEX_MIN_IMAGE_SIDE" in result.stderr and "IEX_CONTAMINATION_MAX_HAMMING" in result.stderr
+    for variable in ("IEX_MIN_IMAGE_SIDE", "IEX_CONTAMINATION_MAX_DISTANCE", "IEX_NEAR_DUPLICATE_MAX_DISTANCE"):
+        assert variable in result.stderr

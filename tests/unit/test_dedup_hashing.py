@@ -128,11 +128,10 @@ def test_perceptual_hashes_survive_jpeg_and_tell_images_apart():
     original = photo(5, size=(128, 128))
     recompressed = Image.open(io.BytesIO(jpeg_bytes(original, quality=80))).convert("RGB")
     other = photo(6, size=(128, 128))
-    a, b, c = (hashing.image_hashes(i) for i in (original, recompressed, other))
-    assert a.pixel_sha256 != b.pixel_sha256
+    a, b, c = (hashing.perceptual_hashes(png_bytes(i)) for i in (original, recompressed, other))
     assert hashing.hamming(a.dhash, b.dhash) <= 6
     assert hashing.hamming(a.phash, b.phash) <= 6
-    assert max(hashing.hamming(a.dhash, c.dhash), hashing.hamming(a.phash, c.phash)) > 12
+    assert hashing.hamming(a.dhash, c.dhash) + hashing.hamming(a.phash, c.phash) > 30
 
 
 def test_hamming_many_agrees_with_hamming():

@@ -189,7 +189,7 @@ def test_version_layout_pruning_and_rollback_files(exported: Path, tmp_path: Pat
     model_dir = repo / "encoder"
     # config.pbtxt is per model: writing version 5 left 3 and 4 in place for rollback.
     assert mr.list_versions(repo, "encoder") == [3, 4, 5]
-    assert sorted(p.name for p in model_dir.iterdir()) == ["3", "4", "5", "config.pbtxt", "config.production.pbtxt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["3", "4", "5", "config.pbtxt", "config.production.pbtxt", "configs"]
     for version in (3, 4, 5):
         files = sorted(p.name for p in (model_dir / str(version)).iterdir())
         assert files == ["model.onnx", "model.py"]
@@ -197,6 +197,10 @@ def test_version_layout_pruning_and_rollback_files(exported: Path, tmp_path: Pat
     compile((model_dir / "5" / "model.py").read_text(), "model.py", "exec")
     assert _parse((model_dir / "config.pbtxt").read_text()).backend == "python"
     assert _parse((model_dir / "config.production.pbtxt").read_text()).platform == "onnxruntime_onnx"
+    gpu, cpu = (_parse((model_dir / "configs" / f"{k}.pbtxt").read_text()) for k in ("production", "production-cpu"))
+    assert gpu.platform == cpu.platform == "onnxruntime_onnx"
+    assert gpu.instance_group[0].kind == gpu.instance_group[0].KIND_GPU
+    assert cpu.instance_group[0].kind == cpu.instance_group[0].KIND_CPU
 
     assert mr.prune_versions(repo, "encoder", keep=1) == [3, 4]
     assert mr.discard_version(repo, "encoder", 5) and not mr.discard_version(repo, "encoder", 5)
@@ -208,7 +212,7 @@ def test_versions_are_immutable_unless_overwritten(exported: Path, tmp_path: Pat
     with pytest.raises(FileExistsError):
         mr.write_model_version(tmp_path, "encoder", 1, exported, SIZE, 96)
     mr.write_model_version(tmp_path, "encoder", 1, exported, SIZE, 96, overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == ["1", "config.pbtxt", "config.production.pbtxt"]
+    assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == ["1", "config.pbtxt", "config.production.pbtxt", "configs"]
 
 
 def test_write_rejects_inconsistent_shapes(exported: Path, tmp_path: Path) -> None:
@@ -235,7 +239,7 @@ def test_failed_write_leaves_no_partial_version(exported: Path, tmp_path: Path, 
     monkeypatch.setattr(mr.shutil, "copyfile", broken_copy)
     with pytest.raises(OSError, match="disk full"):
         mr.write_model_version(tmp_path, "encoder", 2, exported, SIZE, 96)
-    assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == ["1", "config.pbtxt", "config.production.pbtxt"]
+    assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == ["1", "config.pbtxt", "config.production.pbtxt", "configs"]
 
 
 # -- python-backend adapter -----------------------------------------------------------------------

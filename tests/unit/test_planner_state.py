@@ -1,3 +1,5 @@
+import dataclasses
+
 from iex.v1 import common_pb2, planner_pb2
 import pytest
 
@@ -14,7 +16,9 @@ DEFAULTS = SpecDefaults(
     image_size=64,
     iteration_deadline_seconds=60,
     search_backends=("local",),
+    vocabulary="",  # no default vocabulary: requests must bring concepts
 )
+WITH_WORDNET = dataclasses.replace(DEFAULTS, vocabulary="wordnet")
 
 
 def test_query_completes_only_when_everything_is_accounted_for():
@@ -59,6 +63,34 @@ def test_record_round_trips_through_json():
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], init="imagenet"), "spec.init"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], mode=common_pb2.EXPLORATION_MODE_LABELS), "spec.labels"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], image_size=8), "spec.image_size"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], vocabulary="wordnet"), "spec.concepts"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", vocabulary="custom"), "spec.concepts"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], vocabulary="imagenet"), "spec.vocabulary"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], descriptors="gpt"), "spec.descriptors"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], descriptors="llm"), "spec.descriptors"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], labels=["x", "y"], label_descriptions=["one"]), "spec.label_descriptions"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], max_images=-1), "spec.max_images"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], max_wall_seconds=-5), "spec.max_wall_seconds"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(spread=-1)), "spec.sampling.spread"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(tier_sizes=[10])), "spec.sampling.tier_masses"),
+        (
+            planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(tier_sizes=[10], tier_masses=[0.5, 0.6])),
+            "spec.sampling.tier_masses",
+        ),
+        (
+            planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(tier_sizes=[0], tier_masses=[0.5, 0.5])),
+            "spec.sampling.tier_sizes[0]",
+        ),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(label_fraction=1.5)), "spec.sampling.label_fraction"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(prune_fraction=2)), "spec.sampling.prune_fraction"),
+        (
+            planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], labels=["x"], sampling=planner_pb2.SamplingSpec(prune_neighbours=3)),
+            "spec.sampling.prune_neighbours",
+        ),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], reward_model=planner_pb2.RewardModelSpec(length_scale=-1)), "spec.reward_model.length_scale"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], reward_model=planner_pb2.RewardModelSpec(noise=1000)), "spec.reward_model.noise"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], reward_model=planner_pb2.RewardModelSpec(rank=3)), "spec.reward_model.rank"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], reward_model=planner_pb2.RewardModelSpec(exact_max=-2)), "spec.reward_model.exact_max"),
     ],
 )
 def test_invalid_specs_name_the_field(spec, field):
@@ -72,3 +104,39 @@ def test_defaults_fill_zero_fields():
     spec = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS)
     assert (spec.iterations, spec.queries_per_iteration, spec.images_per_query) == (2, 4, 5)
     assert spec.mode == common_pb2.EXPLORATION_MODE_IE and spec.search_backend == "local"
+
+
+def test_defaults_are_the_papers_sampling_and_model():
+    spec = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS)
+    assert spec.vocabulary == "custom" and spec.descriptors == "none"
+    assert spec.sampling.spread == 3.0 and list(spec.sampling.tier_sizes) == [250, 750]
+    assert list(spec.sampling.tier_masses) == pytest.approx([0.8, 0.1, 0.1])
+    assert spec.sampling.label_fraction == 0.5 and spec.sampling.prune_fraction == pytest.approx(0.1)
+    assert spec.reward_model.length_scale == 1.0 and spec.reward_model.noise == pytest.approx(0.1) and spec.reward_model.rank == 512
+    # An explicit zero label fraction is kept (proto3 optional), unlike the 0-means-default fields.
+    zero = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(label_fraction=0.0)), DEFAULTS)
+    assert zero.sampling.label_fraction == 0.0
+
+
+def test_empty_concepts_mean_the_default_wordnet_vocabulary():
+    spec = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t"), WITH_WORDNET)
+    assert spec.vocabulary == "wordnet" and not spec.concepts
+    only_labels = normalise_spec(
+        planner_pb2.ExplorationSpec(target_uri="s3://iex/t", mode=common_pb2.EXPLORATION_MODE_LABELS_ONLY, labels=["rose"]), DEFAULTS
+    )
+    assert only_labels.vocabulary == ""
+
+
+def test_a_finished_query_keeps_its_counts_but_drops_per_image_maps():
+    q = QueryState(query_id="q", concept="c", descriptor="", text="c", crawled=True, images_expected=1)
+    d = decision_id("b" * 64, "http://x/1")
+    q.decisions[d] = common_pb2.DECISION_KIND_UNIQUE
+    q.accepted_objects[d] = "images/bb"
+    q.rewards[d] = 0.7
+    before, complete = q.counts(), q.complete
+    q.freeze()
+    assert q.counts() == before and q.complete == complete and not q.decisions and not q.rewards
+    again = ExplorationRecord.from_json(
+        ExplorationRecord(exploration_id="e", spec_hex="", iterations={1: IterationState(iteration=1, queries={"q": q})}).to_json()
+    )
+    assert again.iterations[1].queries["q"].counts() == before

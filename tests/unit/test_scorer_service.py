@@ -62,6 +62,7 @@ class FakeEncoder:
         self.loaded: set[tuple[str, int]] = set()
         self.load_calls: list[tuple[str, int | None]] = []
         self.embedded_images = 0
+        self.embed_calls: list[tuple[int, int]] = []  # (version, images) per embed() call
         self.lock = threading.Lock()
 
     def server_ready(self) -> bool:
@@ -86,7 +87,7 @@ class FakeEncoder:
         self.loaded.add((name, version))
         return self.ready_versions(name)
 
-    def embed(self, name, version, images):
+    def embed(self, name, version, images, *, batch_size=None, on_response=None):
         if not self.up:
             raise ServerUnavailableError("down [StatusCode.UNAVAILABLE]")
         if (name, version) not in self.loaded:
@@ -94,6 +95,11 @@ class FakeEncoder:
         assert images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
         with self.lock:
             self.embedded_images += images.shape[0]
+            self.embed_calls.append((version, images.shape[0]))
+        if on_response is not None:
+            step = batch_size or images.shape[0]
+            for start in range(0, images.shape[0], step):
+                on_response(min(step, images.shape[0] - start), 0.001)
         return fake_features(version, images)
 
     def close(self) -> None:
@@ -156,7 +162,8 @@ class FakePublisher:
         self.events.append((topic.name if hasattr(topic, "name") else topic, message, key))
 
     def of(self, topic) -> list:
-        return [message for name, message, _ in self.events if name == topic.name]
+        name = topic.name if hasattr(topic, "name") else topic
+        return [message for topic_name, message, _ in self.events if topic_name == name]
 
     def flush(self, timeout_s=30.0):
         pass
@@ -238,6 +245,13 @@ def metric(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def score(service, *events) -> None:
+    """What the consumer loop does with a polled batch of decisions: handle each, then commit."""
+    for event in events:
+        service.handle_decision(event)
+    service.before_commit()
+
+
 @pytest.fixture
 def ready():
     """A service that has consumed ExplorationCreated and a target with six train images."""
@@ -269,7 +283,7 @@ def test_decision_is_scored_with_reference_reward(ready):
     service.handle_model_published(model_published(1))
     image = png((220, 30, 40))
     event = decision(image, store)
-    service.handle_decision(event)
+    score(service, event)
 
     [scored] = service.publisher.of(topics.IMAGES_SCORED)
     assert scored.reward == pytest.approx(reference_reward(1, image, targets), abs=1e-5)
@@ -279,7 +293,7 @@ def test_decision_is_scored_with_reference_reward(ready):
     assert scored.raw_sha256 == event.raw_sha256 and scored.url == event.url
     assert scored.decision == common_pb2.DECISION_KIND_UNIQUE and scored.iteration == 1
     # A red image is closer to the mostly red target than a blue one.
-    service.handle_decision(decision(png((20, 30, 230)), store, name="blue"))
+    score(service, decision(png((20, 30, 230)), store, name="blue"))
     blue = service.publisher.of(topics.IMAGES_SCORED)[1]
     assert blue.reward == pytest.approx(reference_reward(1, png((20, 30, 230)), targets), abs=1e-5)
 
@@ -288,7 +302,7 @@ def test_decision_is_scored_with_reference_reward(ready):
 def test_duplicates_are_scored(ready, kind):
     service, store, _, _ = ready
     service.handle_model_published(model_published(1))
-    service.handle_decision(decision(png((100, 100, 100)), store, kind=kind))
+    score(service, decision(png((100, 100, 100)), store, kind=kind))
     [scored] = service.publisher.of(topics.IMAGES_SCORED)
     assert scored.decision == kind
 
@@ -301,7 +315,7 @@ def test_other_decisions_are_ignored(ready, kind):
     service.handle_model_published(model_published(1))
     before = metric("iex_scorer_decisions_ignored_total", kind=common_pb2.DecisionKind.Name(kind))
     event = decision(b"whatever", store, kind=kind)
-    service.handle_decision(event)
+    score(service, event)
     assert service.publisher.of(topics.IMAGES_SCORED) == []
     assert metric("iex_scorer_decisions_ignored_total", kind=common_pb2.DecisionKind.Name(kind)) == before + 1
 
@@ -324,7 +338,7 @@ def test_failed_load_keeps_previous_version_serving(ready):
     assert store.get_json(BUCKET, records.serving_key(EXPLORATION))["version"] == 2
 
     image = png((210, 60, 50))
-    service.handle_decision(decision(image, store))
+    score(service, decision(image, store))
     [scored] = service.publisher.of(topics.IMAGES_SCORED)
     assert scored.model.version == 2
     assert scored.reward == pytest.approx(reference_reward(2, image, targets), abs=1e-5)
@@ -381,10 +395,10 @@ def test_version_that_cannot_embed_is_a_load_failure(ready):
     service.handle_model_published(model_published(1))
     real_embed = encoder.embed
 
-    def broken_v2(name, version, images):
+    def broken_v2(name, version, images, **options):
         if version == 2:
             raise InferenceError("output shape [4, 0] does not match config")
-        return real_embed(name, version, images)
+        return real_embed(name, version, images, **options)
 
     encoder.embed = broken_v2
     service.handle_model_published(model_published(2))
@@ -405,9 +419,10 @@ def test_empty_target_is_a_load_failure(ready):
 
 def test_target_bank_cap_is_deterministic(ready):
     _, store, _, _ = ready
-    capped, _, _ = make_service(store=store, target_bank_max_images=4)
+    # Banks not kept in S3 here: the second service must embed its own, not read the first's.
+    capped, _, _ = make_service(store=store, target_bank_max_images=4, scorer_persist_banks=False)
     capped.handle_model_published(model_published(1))
-    capped_again, _, _ = make_service(store=store, target_bank_max_images=4)
+    capped_again, _, _ = make_service(store=store, target_bank_max_images=4, scorer_persist_banks=False)
     capped_again.handle_model_published(model_published(1))
     a = capped.engine.current(EXPLORATION).bank
     b = capped_again.engine.current(EXPLORATION).bank
@@ -445,7 +460,7 @@ def test_exploration_validation():
 def test_decision_without_serving_model_waits(ready):
     service, store, _, _ = ready
     with pytest.raises(DependencyUnavailable):
-        service.handle_decision(decision(png((1, 2, 3)), store))
+        score(service, decision(png((1, 2, 3)), store))
 
 
 def test_restarted_scorer_restores_serving_state(ready):
@@ -456,7 +471,7 @@ def test_restarted_scorer_restores_serving_state(ready):
     # A new replica, and a restarted Triton that has nothing loaded (explicit model control).
     restarted, _, fresh_triton = make_service(store=store)
     image = png((90, 200, 90))
-    restarted.handle_decision(decision(image, store))
+    score(restarted, decision(image, store))
     assert fresh_triton.load_calls == [(MODEL, 2)]
     [scored] = restarted.publisher.of(topics.IMAGES_SCORED)
     assert scored.model.version == 2
@@ -473,7 +488,7 @@ def test_restore_falls_back_to_newest_ready_version(ready):
     triton.absent.add(1)  # pruned from the repository while the scorer was away
     triton.loaded.add((MODEL, 3))
     image = png((200, 50, 50))
-    restarted.handle_decision(decision(image, store))
+    score(restarted, decision(image, store))
     [scored] = restarted.publisher.of(topics.IMAGES_SCORED)
     assert scored.model.version == 3
     assert scored.reward == pytest.approx(reference_reward(3, image, targets), abs=1e-5)
@@ -484,7 +499,7 @@ def test_triton_restart_reloads_serving_version(ready):
     service.handle_model_published(model_published(1))
     encoder.loaded.clear()  # Triton restarted: the model is gone
     image = png((120, 10, 10))
-    service.handle_decision(decision(image, store))
+    score(service, decision(image, store))
     [scored] = service.publisher.of(topics.IMAGES_SCORED)
     assert scored.reward == pytest.approx(reference_reward(1, image, targets), abs=1e-5)
     assert encoder.load_calls == [(MODEL, 1), (MODEL, 1)]
@@ -496,19 +511,21 @@ def test_triton_down_while_scoring_is_retried(ready):
     encoder.up = False
     event = decision(png((5, 5, 5)), store)
     with pytest.raises(DependencyUnavailable):
-        service.handle_decision(event)
+        score(service, event)
+    assert service.pending_decisions == 1  # kept for the retry of the commit
     encoder.up = True
-    service.handle_decision(event)
+    service.before_commit()
     assert len(service.publisher.of(topics.IMAGES_SCORED)) == 1
+    assert service.pending_decisions == 0
 
 
 def test_duplicates_hit_the_embedding_cache(ready):
     service, store, encoder, _ = ready
     service.handle_model_published(model_published(1))
     event = decision(png((50, 60, 70)), store)
-    service.handle_decision(event)
+    score(service, event)
     embedded = encoder.embedded_images
-    service.handle_decision(event)  # redelivery, or the same picture found again
+    score(service, event)  # redelivery, or the same picture found again
     first, second = service.publisher.of(topics.IMAGES_SCORED)
     assert encoder.embedded_images == embedded
     assert first.reward == second.reward
@@ -519,12 +536,15 @@ def test_missing_or_undecodable_object_is_dead_lettered(ready):
     service.handle_model_published(model_published(1))
     missing = decision(b"", store, name="gone")
     store.delete(BUCKET, missing.object_key)
-    with pytest.raises(PermanentError) as info:
-        service.handle_decision(missing)
-    assert info.value.reason == "object_missing"
-    with pytest.raises(PermanentError) as info:
-        service.handle_decision(decision(b"not an image", store, name="junk"))
-    assert info.value.reason == "undecodable_image"
+    junk = decision(b"not an image", store, name="junk")
+    before = metric("iex_scorer_decisions_dead_lettered_total", reason="object_missing")
+    score(service, missing, junk)
+    letters = service.publisher.of(topics.DECISIONS.dead_letter)
+    assert [letter.reason for letter in letters] == ["object_missing", "undecodable_image"]
+    assert events_pb2.ImageDecision.FromString(letters[0].value) == missing
+    assert letters[0].topic == topics.DECISIONS.name and letters[0].consumer_group == "iex-scorer"
+    assert metric("iex_scorer_decisions_dead_lettered_total", reason="object_missing") == before + 1
+    # A decision without an object is refused by the handler itself (the loop dead-letters it).
     no_key = decision(png((1, 1, 1)), store)
     no_key.object_key = ""
     with pytest.raises(PermanentError) as info:
@@ -539,7 +559,7 @@ def test_s3_outage_is_retried(ready):
     event = decision(png((5, 50, 5)), store)
     store.up = False
     with pytest.raises(DependencyUnavailable):
-        service.handle_decision(event)
+        score(service, event)
 
 
 def test_handlers_and_dependencies_are_wired(ready):

@@ -340,9 +340,29 @@ def test_service_serves_http_until_stopped(corpus_dir, embedder, tmp_path):
         status, _, body = _request(service.http, "POST", "/knn-service", {"text": "green triangle", "num_images": 1})
         assert status == 200
         assert json.loads(body)[0]["url"] == f"http://127.0.0.1:{port}/images/{json.loads(body)[0]['id']}"
-        assert (tmp_path / "cache/offline-web/embeddings.npy").is_file()
+        assert len(list((tmp_path / "cache/offline-web").glob("*/embeddings.npy"))) == 1
     finally:
         service.on_stop()
     assert service.http is None
     with pytest.raises(ConnectionRefusedError):
         http.client.HTTPConnection("127.0.0.1", port, timeout=2).connect()
+
+
+# ---- query embedding on onnxruntime ---------------------------------------------------------------
+def test_onnx_query_encoder_gives_the_torch_vectors_and_caches_its_graph(embedder, tmp_path, monkeypatch):
+    from services.search import query_encoder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    encoder = query_encoder.OnnxQueryEncoder(embedder)
+    assert encoder.runtime == "onnxruntime"
+    for text in ("baby duck", "a red circle on a plain background, clip art"):
+        assert np.abs(encoder.embed([text]) - embedder.embed([text])).max() < 1e-5
+    [cached] = (tmp_path / "iex" / "minilm-onnx").glob("*.onnx")
+    # A second start loads the cached graph instead of exporting again.
+    monkeypatch.setattr(query_encoder, "export_onnx", lambda _e: pytest.fail("exported again despite the cache"))
+    assert query_encoder.OnnxQueryEncoder(embedder).runtime == "onnxruntime"
+    # A damaged cache never answers queries: it fails the start-up check and torch takes over.
+    cached.write_bytes(b"not an onnx graph")
+    fallback = query_encoder.OnnxQueryEncoder(embedder)
+    assert fallback.runtime == "torch"
+    assert np.array_equal(fallback.embed(["baby duck"]), embedder.embed(["baby duck"]))

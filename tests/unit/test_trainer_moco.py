@@ -3,6 +3,7 @@ augmentations and the k-NN evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from services.trainer import evaluation, moco
 from services.trainer.encoder import CheckpointError, EncoderState, ModelConfig
-from services.trainer.training import TrainConfig, planned_steps, train, train_step
+from services.trainer.loader import Position, TensorLoader
+from services.trainer.training import RunPlan, RunProgress, TrainConfig, plan_run, train, train_step
 
 TINY = ModelConfig(backbone="test_resnet", image_size=32, seed=3, mlp_dim=64, projection_dim=32)
 CPU = torch.device("cpu")
@@ -119,19 +121,86 @@ def test_initialisation_is_seeded_and_unknown_inits_are_refused():
 def test_a_run_respects_the_step_cap_and_is_reproducible():
     images = torch.randint(0, 256, (20, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     config = TrainConfig(batch_size=8, epochs=5, max_steps=3, base_lr=0.5)
-    assert planned_steps(20, config) == (8, 3)
-    assert planned_steps(1, config) == (1, 0)
+    assert plan_run(20, config) == RunPlan(global_batch=8, steps_per_epoch=2, total_steps=3)
+    assert plan_run(1, config).total_steps == 0
+    assert plan_run(20, config, world_size=3).global_batch == 6  # divisible by the ranks
     first, second = EncoderState.create(TINY, CPU), EncoderState.create(TINY, CPU)
     reports = []
-    result = train(first, images, config, seed=11, on_step=reports.append)
-    again = train(second, images, config, seed=11)
+    result = train(first, TensorLoader(images, 8, seed=11), config, seed=11, on_step=reports.append)
+    again = train(second, TensorLoader(images, 8, seed=11), config, seed=11)
     assert result.steps == 3 and len(reports) == 3 and first.global_step == 3
     assert [r.step for r in reports] == [1, 2, 3]
     assert reports[0].lr == 0.0 and reports[1].lr > 0  # warm-up starts at zero
     assert reports[0].momentum < reports[-1].momentum <= 1.0
     assert again.final_loss == pytest.approx(result.final_loss, rel=1e-5)
-    empty = train(first, images[:1], config, seed=1)
-    assert empty.steps == 0
+    assert train(first, TensorLoader(images[:1], 1, seed=1), config, seed=1).steps == 0
+
+
+def test_early_stopping_ends_the_run_after_epochs_without_a_lower_loss():
+    images = torch.randint(0, 256, (16, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    # A zero learning rate cannot lower the loss: the run stops after `patience` stale epochs
+    # that follow the first (which sets the best loss).
+    frozen = TrainConfig(batch_size=8, epochs=10, base_lr=0.0, early_stop_patience=2, early_stop_min_delta=10.0)
+    result = train(EncoderState.create(TINY, CPU), TensorLoader(images, 8, seed=1), frozen, seed=1)
+    assert result.stopped_early and result.epochs == 3 and result.steps == 6
+    unlimited = dataclasses.replace(frozen, epochs=4, early_stop_patience=0)
+    result = train(EncoderState.create(TINY, CPU), TensorLoader(images, 8, seed=1), unlimited, seed=1)
+    assert not result.stopped_early and result.epochs == 4 and result.steps == 8
+
+
+def test_a_resumed_run_takes_the_same_steps_as_an_uninterrupted_one():
+    images = torch.randint(0, 256, (24, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    config = TrainConfig(batch_size=8, epochs=2, base_lr=0.5, checkpoint_every_steps=2, early_stop_patience=0)
+    whole = []
+    reference = EncoderState.create(TINY, CPU)
+    train(reference, TensorLoader(images, 8, seed=3), config, seed=3, run_id="r", on_step=lambda r: whole.append(r.loss))
+
+    saved = []
+    state = EncoderState.create(TINY, CPU)
+
+    def checkpoint(progress):
+        saved.append(state.to_bytes(run=progress.to_dict()))
+        if progress.step == 4:
+            raise KeyboardInterrupt  # the process dies right after writing step 4's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(state, TensorLoader(images, 8, seed=3), config, seed=3, run_id="r", on_checkpoint=checkpoint)
+    restored = EncoderState.from_bytes(saved[-1], CPU)
+    progress = RunProgress.from_dict(restored.run)
+    assert progress.step == 4 and progress.position == Position(epoch=1, batch=1)
+    tail = []
+    result = train(restored, TensorLoader(images, 8, seed=3), config, seed=3, run_id="r", resume=progress, on_step=lambda r: tail.append(r.loss))
+    assert result.resumed_from_step == 4 and result.steps == 6 and restored.global_step == 6
+    assert tail == pytest.approx(whole[4:], rel=1e-5, abs=1e-6)
+    for a, b in zip(reference.model.state_dict().values(), restored.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not continue"):
+        train(restored, TensorLoader(images, 8, seed=3), config, seed=3, run_id="other", resume=progress)
+
+
+def test_lars_multi_tensor_update_matches_the_reference_per_tensor_update():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.zeros(2, 2))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lars = moco.LARS(params, lr=0.3, weight_decay=0.01, momentum=0.9)
+    mu = [torch.zeros_like(p) for p in twins]
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        lars.step()
+        # MoCo-v3's reference LARS, one tensor at a time.
+        with torch.no_grad():
+            for p, g, m in zip(twins, grads, mu):
+                if p.ndim > 1:
+                    g = g.add(p, alpha=0.01)
+                    pn, un = torch.norm(p), torch.norm(g)
+                    trust = torch.where(pn > 0, torch.where(un > 0, 0.001 * pn / un, torch.ones_like(pn)), torch.ones_like(pn))
+                    g = g.mul(trust)
+                m.mul_(0.9).add_(g)
+                p.add_(m, alpha=-0.3)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q)
 
 
 # ---- augmentations -----------------------------------------------------------------------------
@@ -148,21 +217,30 @@ def test_augmentations_make_two_different_normalised_views_per_image():
 
 def test_crop_boxes_stay_inside_the_image_with_the_requested_area():
     augment = moco.TwoViewAugment(32, (0.5,) * 3, (0.25,) * 3, min_scale=0.2)
-    boxes = augment._crop_boxes(500, 50, 40, torch.Generator().manual_seed(0))
+    boxes = augment._crop_boxes(moco._Draws(torch.Generator().manual_seed(0), 500, 0, 500), 50, 40)
     left, top, right, bottom = boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
     assert bool((left >= 0).all() and (top >= 0).all() and (right <= 40).all() and (bottom <= 50).all())
     area = (right - left) * (bottom - top) / (50 * 40)
     assert float(area.min()) >= 0.15 and float(area.max()) <= 1.0
 
 
-def test_resized_crop_of_a_same_size_box_is_the_slice(monkeypatch):
+def test_resized_crop_of_a_same_size_box_is_the_slice():
     augment = moco.TwoViewAugment(8, (0.0,) * 3, (1.0,) * 3)
     x = torch.rand(2, 3, 16, 16)
     boxes = torch.tensor([[0, 4.0, 2.0, 12.0, 10.0], [1, 0.0, 0.0, 8.0, 8.0]])
-    monkeypatch.setattr(augment, "_crop_boxes", lambda *args: boxes)
-    out = augment._resized_crop(x, torch.Generator())
+    out = augment._resized_crop(x, boxes)
     torch.testing.assert_close(out[0], x[0, :, 2:10, 4:12])
     torch.testing.assert_close(out[1], x[1, :, 0:8, 0:8])
+
+
+def test_each_rank_augments_its_rows_exactly_as_one_process_augments_the_global_batch():
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    augment = moco.TwoViewAugment(32, (0.5,) * 3, (0.25,) * 3)
+    whole = augment(images, torch.Generator().manual_seed(1))
+    for offset in (0, 4):
+        part = augment(images[offset : offset + 4], torch.Generator().manual_seed(1), offset=offset, total=8)
+        for view_whole, view_part in zip(whole, part):
+            torch.testing.assert_close(view_part, view_whole[offset : offset + 4])
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -186,3 +264,27 @@ def test_embeddings_are_unit_norm_and_leave_the_model_mode_alone():
     assert features.shape == (5, state.config.embedding_dim)
     assert torch.allclose(features.norm(dim=1), torch.ones(5), atol=1e-5)
     assert state.backbone.training
+
+
+def test_linear_probe_separates_linearly_separable_classes_and_not_noise():
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    labels = torch.arange(40) % 4
+    features = directions[labels] + 0.1 * torch.randn(40, 16)
+    assert evaluation.linear_probe_top1(features, labels) == 1.0
+    # Labels unrelated to the features: held-out images cannot be predicted (chance is 0.25).
+    shuffled = labels[torch.randperm(40, generator=torch.Generator().manual_seed(1))]
+    noise = torch.randn(40, 16, generator=torch.Generator().manual_seed(2))
+    assert evaluation.linear_probe_top1(noise, shuffled) < 0.6
+    assert evaluation.linear_probe_top1(features, labels) == evaluation.linear_probe_top1(features, labels)  # deterministic
+    with pytest.raises(ValueError):
+        evaluation.linear_probe_top1(features[:1], labels[:1])
+
+
+def test_probe_folds_hold_a_share_of_every_class():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
+    folds = evaluation.stratified_folds(labels, 5, seed=0)
+    for label in (0, 1):
+        members = folds[labels == label]
+        assert sorted(members.tolist()) == sorted(list(range(5)) * (int((labels == label).sum()) // 5))
+    assert len(set(folds[labels == 2].tolist())) == 2  # a small class still spreads over folds

@@ -17,9 +17,9 @@ from iex.v1 import events_pb2, trainer_pb2
 from services.common import modelrepo, topics
 from services.common.errors import DependencyUnavailable, PermanentError
 from services.common.settings import SettingsError, load_service_settings
-from services.trainer import evaluation
-from services.trainer import service as service_module
-from services.trainer.encoder import EncoderState
+from services.trainer import evaluation, pretrained
+from services.trainer import jobs as jobs_module
+from services.trainer.encoder import EncoderState, ModelConfig
 from services.trainer.service import TrainerService, TrainerSettings, TrainerStatusServicer, checkpoint_key, model_name_for
 
 BUCKET = "iex"
@@ -33,6 +33,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], tuple[bytes, dict[str, str]]] = {}
         self.puts: list[str] = []
+        self.deletes: list[str] = []
         self.up = True
 
     def _check(self):
@@ -70,6 +71,11 @@ class FakeStore:
     def get_json(self, bucket, key):
         raw = self.get_or_none(bucket, key)
         return None if raw is None else json.loads(raw)
+
+    def delete(self, bucket, key):
+        self._check()
+        self.objects.pop((bucket, key), None)
+        self.deletes.append(key)
 
     def list_keys(self, bucket, prefix, recursive=True):
         self._check()
@@ -138,12 +144,8 @@ def store():
     return store
 
 
-@pytest.fixture
-def trainer(tmp_path, store, monkeypatch):
-    settings = load_service_settings(
-        TrainerSettings,
-        "trainer",
-        environ={},
+def make_trainer(tmp_path, store, monkeypatch, **overrides):
+    values = dict(
         model_repository=str(tmp_path / "models"),
         trainer_backbone="test_resnet",
         trainer_image_size=32,
@@ -154,20 +156,27 @@ def trainer(tmp_path, store, monkeypatch):
         trainer_fetch_workers=2,
         trainer_knn_k=3,
     )
+    values.update(overrides)
+    settings = load_service_settings(TrainerSettings, "trainer", environ={}, **values)
     service = TrainerService(settings)
     service.store = store
     service.publisher = FakePublisher()
     service.repository.mkdir(parents=True)
     runs = []
-    real_train = service_module.train
+    real_train = jobs_module.train
 
     def counting_train(*args, **kwargs):
         runs.append(args)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "train", counting_train)
+    monkeypatch.setattr(jobs_module, "train", counting_train)
     service.training_runs = runs
     return service
+
+
+@pytest.fixture
+def trainer(tmp_path, store, monkeypatch):
+    return make_trainer(tmp_path, store, monkeypatch)
 
 
 def created(**changes) -> events_pb2.ExplorationCreated:
@@ -177,13 +186,13 @@ def created(**changes) -> events_pb2.ExplorationCreated:
     return event
 
 
-def write_manifest(store: FakeStore, iteration: int = 1) -> events_pb2.IterationFinished:
-    key = f"explorations/{EXPLORATION}/iterations/{iteration}/manifest.json"
+def write_manifest(store: FakeStore, iteration: int = 1, exploration: str = EXPLORATION) -> events_pb2.IterationFinished:
+    key = f"explorations/{exploration}/iterations/{iteration}/manifest.json"
     store.put_json(
         BUCKET,
         key,
         {
-            "exploration_id": EXPLORATION,
+            "exploration_id": exploration,
             "iteration": iteration,
             "images_bucket": BUCKET,
             "candidates": [f"images/c{i}" for i in range(4)],
@@ -193,7 +202,7 @@ def write_manifest(store: FakeStore, iteration: int = 1) -> events_pb2.Iteration
             "target_eval": [{"key": f"flowers/eval/{label}/{i}.png", "label": label} for label in ("rose", "tulip") for i in range(3)],
         },
     )
-    return events_pb2.IterationFinished(exploration_id=EXPLORATION, iteration=iteration, manifest_key=key, candidates=4, replay_selected=2)
+    return events_pb2.IterationFinished(exploration_id=exploration, iteration=iteration, manifest_key=key, candidates=4, replay_selected=2)
 
 
 # ---- tests -----------------------------------------------------------------------------------
@@ -266,6 +275,8 @@ def test_iteration_finished_trains_version_two_once(trainer, store):
     assert event.train_steps >= 1 and event.final_loss > 0
     (evaluation,) = trainer.publisher.of(topics.EVALUATIONS)
     assert evaluation.model.version == 2 and evaluation.eval_images == 6 and 0.0 <= evaluation.knn_top1 <= 1.0
+    assert 0.0 <= evaluation.linear_probe_top1 <= 1.0
+    assert float(store.stat_metadata(BUCKET, "checkpoints/exp-1/v2.pt")["linear-probe-top1"]) == pytest.approx(evaluation.linear_probe_top1)
     state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v2.pt"), torch.device("cpu"))
     assert state.iteration == 1 and state.global_step == event.train_steps
     replay = store.get_json(BUCKET, f"explorations/{EXPLORATION}/replay.json")
@@ -289,6 +300,90 @@ def test_iteration_finished_trains_version_two_once(trainer, store):
     count = len(trainer.publisher.events)
     trainer.handle_exploration_created(created())
     assert len(trainer.publisher.events) == count
+
+
+def test_the_labelled_split_is_never_trained_on(trainer, store):
+    trainer.handle_exploration_created(created())
+    finished = write_manifest(store)
+    manifest = store.get_json(BUCKET, finished.manifest_key)
+    leaked = "s3://targets/flowers/eval/rose/0.png"
+    manifest["candidates"].append(leaked)  # e.g. a web copy of an eval image that dedup missed
+    manifest["target_train"].append("flowers/eval/tulip/1.png")
+    store.put_json(BUCKET, finished.manifest_key, manifest)
+    trainer.handle_iteration_finished(finished)
+    (run,) = trainer.training_runs
+    loader = run[1]
+    assert loader.references and not {leaked, "s3://targets/flowers/eval/tulip/1.png"} & set(loader.references)
+    assert trainer.m_images_skipped.labels(reason="eval_split")._value.get() == 2
+
+
+def test_an_interrupted_iteration_resumes_from_its_mid_run_checkpoint(tmp_path, store, monkeypatch):
+    trainer = make_trainer(tmp_path, store, monkeypatch, trainer_max_steps=5, trainer_checkpoint_every_steps=2, trainer_early_stop_patience=0)
+    # The same exploration twice (same seed, same images): once straight through, once stopped
+    # (SIGTERM) during its third step and handled again.
+    for exploration in ("straight", "stopped"):
+        trainer.handle_exploration_created(created(exploration_id=exploration))
+    trainer.handle_iteration_finished(write_manifest(store, exploration="straight"))
+
+    observe = trainer._observe_step
+
+    def stop_after_two(report):
+        observe(report)
+        if report.step == 2:
+            trainer.stopping.set()
+
+    monkeypatch.setattr(trainer, "_observe_step", stop_after_two)
+    finished = write_manifest(store, exploration="stopped")
+    with pytest.raises(DependencyUnavailable, match="stopping"):
+        trainer.handle_iteration_finished(finished)
+    # The stop request is honoured after the step in hand (every rank agrees on it there), and
+    # that step is checkpointed before the record is handed back.
+    running = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/stopped/v2-running.pt"), torch.device("cpu"))
+    assert running.run["step"] == 3 and running.global_step == 3
+    assert not store.exists(BUCKET, "checkpoints/stopped/v2.pt")
+
+    trainer.stopping.clear()
+    monkeypatch.setattr(trainer, "_observe_step", observe)
+    trainer.handle_iteration_finished(finished)
+    assert not store.exists(BUCKET, "checkpoints/stopped/v2-running.pt")
+    straight = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/straight/v2.pt"), torch.device("cpu"))
+    resumed = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/stopped/v2.pt"), torch.device("cpu"))
+    assert resumed.global_step == straight.global_step == 5
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert trainer.m_resumed._value.get() == 1
+
+
+def test_exploration_created_from_a_checkpoint_in_s3(trainer, store):
+    source = EncoderState.create(ModelConfig(backbone="test_resnet", image_size=32, seed=11, mlp_dim=48, projection_dim=16), torch.device("cpu"))
+    store.put_bytes("inits", "other/v4.pt", source.to_bytes())
+    trainer.handle_exploration_created(created(init="s3://inits/other/v4.pt"))
+    state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v1.pt"), torch.device("cpu"))
+    assert (state.config.init, state.config.mlp_dim, state.config.projection_dim) == ("s3://inits/other/v4.pt", 48, 16)
+    assert all(torch.equal(a, b) for a, b in zip(state.model.state_dict().values(), source.model.state_dict().values()))
+
+    store.puts.clear()
+    trainer.publisher.events.clear()
+    for init, reason in (("s3://inits/absent.pt", "init_missing"), ("s3://iex/images/c0", "init_unreadable")):
+        with pytest.raises(PermanentError) as error:
+            trainer.handle_exploration_created(created(exploration_id="exp-2", init=init))
+        assert error.value.reason == reason
+    with pytest.raises(PermanentError) as error:
+        trainer.handle_exploration_created(created(exploration_id="exp-2", init="s3://inits/other/v4.pt", backbone="resnet18"))
+    assert error.value.reason == "init_mismatch"
+    assert store.puts == [] and trainer.publisher.events == []
+
+
+def test_exploration_created_from_the_shipped_efficientnet_lite0(trainer, store):
+    trainer.handle_exploration_created(created(init="efficientnet-lite0"))
+    (event,) = trainer.publisher.of(topics.MODELS)
+    assert event.embedding_dim == 1280
+    state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v1.pt"), torch.device("cpu"))
+    assert state.config.backbone == "tf_efficientnet_lite0"
+    shipped = pretrained.lite0_state_dict()
+    assert torch.equal(state.backbone.state_dict()["conv_stem.weight"], shipped["conv_stem.weight"])
+    signature = modelrepo.read_onnx_signature(trainer.repository / MODEL / "1" / "model.onnx")
+    assert signature.embedding_dim == 1280
 
 
 def test_iteration_problems(trainer, store):

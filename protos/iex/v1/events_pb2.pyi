@@ -471,6 +471,62 @@ class ModelLoadFailed(_message.Message):
 Global___ModelLoadFailed: _TypeAlias = ModelLoadFailed  # noqa: Y015
 
 @_typing.final
+class ConceptRewardUpdated(_message.Message):
+    """iex.scorer.concept-rewards.v1 (key: exploration_id). A query's running concept reward, republished
+    each time more of its images are scored: the mean of the `top` best image rewards so far (paper:
+    top 10), over the rewards of one model version. Informational (dashboards, users, other
+    consumers): the planner computes the authoritative concept reward itself, from ImageScored,
+    when it decides the query is complete.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPLORATION_ID_FIELD_NUMBER: _builtins.int
+    ITERATION_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    CONCEPT_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    IMAGES_SCORED_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    BEST_IMAGE_REWARD_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    exploration_id: _builtins.str
+    iteration: _builtins.int
+    query_id: _builtins.str
+    concept: _builtins.str
+    reward: _builtins.float
+    images_scored: _builtins.int
+    """Distinct decisions (raw sha256 + URL) of the query scored so far with `model`."""
+    top: _builtins.int
+    best_image_reward: _builtins.float
+    @_builtins.property
+    def model(self) -> _common_pb2.ModelRef: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        exploration_id: _builtins.str = ...,
+        iteration: _builtins.int = ...,
+        query_id: _builtins.str = ...,
+        concept: _builtins.str = ...,
+        reward: _builtins.float = ...,
+        images_scored: _builtins.int = ...,
+        top: _builtins.int = ...,
+        best_image_reward: _builtins.float = ...,
+        model: _common_pb2.ModelRef | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_image_reward", b"best_image_reward", "concept", b"concept", "exploration_id", b"exploration_id", "images_scored", b"images_scored", "iteration", b"iteration", "model", b"model", "query_id", b"query_id", "reward", b"reward", "top", b"top", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConceptRewardUpdated: _TypeAlias = ConceptRewardUpdated  # noqa: Y015
+
+@_typing.final
 class IterationFinished(_message.Message):
     """iex.planner.iterations.v1 (key: exploration_id). Everything needed to train on an iteration."""
 

@@ -38,6 +38,13 @@ class ExplorationSpec(_message.Message):
     BACKBONE_FIELD_NUMBER: _builtins.int
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
     ITERATION_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    VOCABULARY_FIELD_NUMBER: _builtins.int
+    DESCRIPTORS_FIELD_NUMBER: _builtins.int
+    LABEL_DESCRIPTIONS_FIELD_NUMBER: _builtins.int
+    MAX_IMAGES_FIELD_NUMBER: _builtins.int
+    MAX_WALL_SECONDS_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Free text shown in listings."""
     target_uri: _builtins.str
@@ -55,6 +62,19 @@ class ExplorationSpec(_message.Message):
     image_size: _builtins.int
     iteration_deadline_seconds: _builtins.int
     """Seconds an iteration may collect before missing images are counted and the loop moves on."""
+    vocabulary: _builtins.str
+    """Vocabulary when `concepts` is empty: "wordnet" (the paper's 146,347 WordNet noun concepts); "custom"
+    when `concepts` is given; "" means `concepts` if given, else the planner's default vocabulary.
+    """
+    descriptors: _builtins.str
+    """Descriptor source put in front of each concept: "none", "curated", "wordnet" (offline) or "llm"
+    (OpenAI-compatible endpoint configured on the planner); "" means the planner's default.
+    """
+    max_images: _builtins.int
+    """Budgets besides `iterations`: the exploration stops at the first one reached; 0 means no limit.
+    Images counts fetched images; wall time counts from creation (the running iteration is cut short).
+    """
+    max_wall_seconds: _builtins.int
     @_builtins.property
     def concepts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Concepts to explore. Empty means the planner's default vocabulary."""
@@ -63,6 +83,14 @@ class ExplorationSpec(_message.Message):
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Class names for the label-guided modes."""
 
+    @_builtins.property
+    def label_descriptions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One description per label ("" where none), embedded with the label to guide the pruning; may be empty."""
+
+    @_builtins.property
+    def sampling(self) -> Global___SamplingSpec: ...
+    @_builtins.property
+    def reward_model(self) -> Global___RewardModelSpec: ...
     def __init__(
         self,
         *,
@@ -80,14 +108,107 @@ class ExplorationSpec(_message.Message):
         backbone: _builtins.str = ...,
         image_size: _builtins.int = ...,
         iteration_deadline_seconds: _builtins.int = ...,
+        vocabulary: _builtins.str = ...,
+        descriptors: _builtins.str = ...,
+        label_descriptions: _abc.Iterable[_builtins.str] | None = ...,
+        max_images: _builtins.int = ...,
+        max_wall_seconds: _builtins.int = ...,
+        sampling: Global___SamplingSpec | None = ...,
+        reward_model: Global___RewardModelSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reward_model", b"reward_model", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "concepts", b"concepts", "display_name", b"display_name", "image_size", b"image_size", "images_per_query", b"images_per_query", "init", b"init", "iteration_deadline_seconds", b"iteration_deadline_seconds", "iterations", b"iterations", "labels", b"labels", "mode", b"mode", "queries_per_iteration", b"queries_per_iteration", "search_backend", b"search_backend", "seed", b"seed", "target_uri", b"target_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "concepts", b"concepts", "descriptors", b"descriptors", "display_name", b"display_name", "image_size", b"image_size", "images_per_query", b"images_per_query", "init", b"init", "iteration_deadline_seconds", b"iteration_deadline_seconds", "iterations", b"iterations", "label_descriptions", b"label_descriptions", "labels", b"labels", "max_images", b"max_images", "max_wall_seconds", b"max_wall_seconds", "mode", b"mode", "queries_per_iteration", b"queries_per_iteration", "reward_model", b"reward_model", "sampling", b"sampling", "search_backend", b"search_backend", "seed", b"seed", "target_uri", b"target_uri", "vocabulary", b"vocabulary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplorationSpec: _TypeAlias = ExplorationSpec  # noqa: Y015
+
+@_typing.final
+class SamplingSpec(_message.Message):
+    """How the next query distribution is drawn from the predicted rewards (defaults: the paper's values)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPREAD_FIELD_NUMBER: _builtins.int
+    TIER_SIZES_FIELD_NUMBER: _builtins.int
+    TIER_MASSES_FIELD_NUMBER: _builtins.int
+    LABEL_FRACTION_FIELD_NUMBER: _builtins.int
+    PRUNE_FRACTION_FIELD_NUMBER: _builtins.int
+    PRUNE_NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    spread: _builtins.float
+    """(max - min) / tau of the softmax over mu + sigma; 0 means 3."""
+    label_fraction: _builtins.float
+    """Label-guided mode: share of the queries that are labels; unset means 0.5."""
+    prune_fraction: _builtins.float
+    """Label-guided mode: share of the vocabulary kept, closest to the labels first; 0 means 0.1."""
+    prune_neighbours: _builtins.int
+    """Label-guided mode: each concept is scored by its mean similarity to this many nearest labels;
+    0 means a third of the labels (at least one).
+    """
+    @_builtins.property
+    def tier_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sizes of the leading tiers of the ranking; empty means [250, 750]."""
+
+    @_builtins.property
+    def tier_masses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Probability mass of each tier, one entry more than tier_sizes, summing to 1; empty means [0.8, 0.1, 0.1]."""
+
+    def __init__(
+        self,
+        *,
+        spread: _builtins.float = ...,
+        tier_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        tier_masses: _abc.Iterable[_builtins.float] | None = ...,
+        label_fraction: _builtins.float | None = ...,
+        prune_fraction: _builtins.float = ...,
+        prune_neighbours: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label_fraction", b"_label_fraction", "label_fraction", b"label_fraction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label_fraction", b"_label_fraction", "label_fraction", b"label_fraction", "prune_fraction", b"prune_fraction", "prune_neighbours", b"prune_neighbours", "spread", b"spread", "tier_masses", b"tier_masses", "tier_sizes", b"tier_sizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__label_fraction: _TypeAlias = _typing.Literal["label_fraction"]  # noqa: Y015
+    _WhichOneofArgType__label_fraction: _TypeAlias = _typing.Literal["_label_fraction", b"_label_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__label_fraction) -> _WhichOneofReturnType__label_fraction | None: ...
+
+Global___SamplingSpec: _TypeAlias = SamplingSpec  # noqa: Y015
+
+@_typing.final
+class RewardModelSpec(_message.Message):
+    """The Gaussian-process reward model over concept embeddings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LENGTH_SCALE_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    EXACT_MAX_FIELD_NUMBER: _builtins.int
+    length_scale: _builtins.float
+    """RBF length-scale over unit-length MiniLM embeddings; 0 means 1 (the paper)."""
+    noise: _builtins.float
+    """Observation noise variance, on standardised rewards; 0 means the planner's default."""
+    rank: _builtins.int
+    """Rank of the vocabulary kernel factor used past `exact_max` observed concepts; 0 means the planner's default."""
+    exact_max: _builtins.int
+    """Distinct observed concepts up to which the posterior is exact; 0 means the planner's default
+    (automatic: exact while it costs no more than the approximation).
+    """
+    def __init__(
+        self,
+        *,
+        length_scale: _builtins.float = ...,
+        noise: _builtins.float = ...,
+        rank: _builtins.int = ...,
+        exact_max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact_max", b"exact_max", "length_scale", b"length_scale", "noise", b"noise", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardModelSpec: _TypeAlias = RewardModelSpec  # noqa: Y015
 
 @_typing.final
 class IterationSummary(_message.Message):
@@ -104,6 +225,8 @@ class IterationSummary(_message.Message):
     KNN_TOP1_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_FIELD_NUMBER: _builtins.int
+    PLANNING_SECONDS_FIELD_NUMBER: _builtins.int
     iteration: _builtins.int
     phase: _common_pb2.IterationPhase.ValueType
     mean_concept_reward: _builtins.float
@@ -111,6 +234,10 @@ class IterationSummary(_message.Message):
     queries_incomplete: _builtins.int
     """Queries whose images did not all arrive before the deadline."""
     knn_top1: _builtins.float
+    reward_model: _builtins.str
+    """How the queries of this iteration were chosen: "uniform", "prior", "exact", "fic" or "pic" (see docs/planner.md)."""
+    planning_seconds: _builtins.float
+    """Seconds the planning step took (posterior over the vocabulary, sampling, descriptors)."""
     @_builtins.property
     def counts(self) -> _common_pb2.ImageCounts: ...
     @_builtins.property
@@ -135,10 +262,12 @@ class IterationSummary(_message.Message):
         knn_top1: _builtins.float = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        reward_model: _builtins.str = ...,
+        planning_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "finished_at", b"finished_at", "scored_with", b"scored_with", "started_at", b"started_at", "trained_model", b"trained_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "finished_at", b"finished_at", "iteration", b"iteration", "knn_top1", b"knn_top1", "max_concept_reward", b"max_concept_reward", "mean_concept_reward", b"mean_concept_reward", "phase", b"phase", "queries_incomplete", b"queries_incomplete", "scored_with", b"scored_with", "started_at", b"started_at", "trained_model", b"trained_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "finished_at", b"finished_at", "iteration", b"iteration", "knn_top1", b"knn_top1", "max_concept_reward", b"max_concept_reward", "mean_concept_reward", b"mean_concept_reward", "phase", b"phase", "planning_seconds", b"planning_seconds", "queries_incomplete", b"queries_incomplete", "reward_model", b"reward_model", "scored_with", b"scored_with", "started_at", b"started_at", "trained_model", b"trained_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,12 +288,24 @@ class Exploration(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    VOCABULARY_DIGEST_FIELD_NUMBER: _builtins.int
+    VOCABULARY_SIZE_FIELD_NUMBER: _builtins.int
     exploration_id: _builtins.str
     state: _common_pb2.ExplorationState.ValueType
     current_iteration: _builtins.int
     """1-based iteration in progress (or last finished when the exploration has ended)."""
     iterations_finished: _builtins.int
     error: _builtins.str
+    stop_reason: _builtins.str
+    """Why a finished exploration stopped ("iterations", "images", "wall_time"), empty otherwise."""
+    detail: _builtins.str
+    """What a PENDING exploration waits for (the initial encoder, the vocabulary embeddings), empty otherwise."""
+    vocabulary_digest: _builtins.str
+    """Digest of the vocabulary's embeddings (S3 vocabularies/<digest>/), once the planner has loaded it."""
+    vocabulary_size: _builtins.int
+    """Concepts the exploration samples from (after label-guided pruning, labels included)."""
     @_builtins.property
     def spec(self) -> Global___ExplorationSpec: ...
     @_builtins.property
@@ -191,10 +332,14 @@ class Exploration(_message.Message):
         error: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        stop_reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        vocabulary_digest: _builtins.str = ...,
+        vocabulary_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "serving_model", b"serving_model", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "current_iteration", b"current_iteration", "error", b"error", "exploration_id", b"exploration_id", "iterations", b"iterations", "iterations_finished", b"iterations_finished", "serving_model", b"serving_model", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "current_iteration", b"current_iteration", "detail", b"detail", "error", b"error", "exploration_id", b"exploration_id", "iterations", b"iterations", "iterations_finished", b"iterations_finished", "serving_model", b"serving_model", "spec", b"spec", "state", b"state", "stop_reason", b"stop_reason", "updated_at", b"updated_at", "vocabulary_digest", b"vocabulary_digest", "vocabulary_size", b"vocabulary_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -498,14 +643,22 @@ class ConceptScore(_message.Message):
     OBSERVED_REWARD_FIELD_NUMBER: _builtins.int
     TIMES_QUERIED_FIELD_NUMBER: _builtins.int
     SAMPLING_PROBABILITY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    EMBEDDED_TEXT_FIELD_NUMBER: _builtins.int
+    IS_LABEL_FIELD_NUMBER: _builtins.int
     concept: _builtins.str
     predicted_reward: _builtins.float
-    """Reward predicted by the planner's model (mean of its posterior)."""
+    """Reward predicted by the planner's model (mean of its Gaussian-process posterior)."""
     uncertainty: _builtins.float
+    """Standard deviation of that posterior; the sampler ranks by predicted_reward + uncertainty."""
     observed_reward: _builtins.float
     """Mean of the observed concept rewards; NaN-free: 0 when never queried."""
     times_queried: _builtins.int
     sampling_probability: _builtins.float
+    name: _builtins.str
+    """What is searched for (the lemma of a WordNet concept), and the text that was embedded."""
+    embedded_text: _builtins.str
+    is_label: _builtins.bool
     def __init__(
         self,
         *,
@@ -515,10 +668,13 @@ class ConceptScore(_message.Message):
         observed_reward: _builtins.float = ...,
         times_queried: _builtins.int = ...,
         sampling_probability: _builtins.float = ...,
+        name: _builtins.str = ...,
+        embedded_text: _builtins.str = ...,
+        is_label: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "observed_reward", b"observed_reward", "predicted_reward", b"predicted_reward", "sampling_probability", b"sampling_probability", "times_queried", b"times_queried", "uncertainty", b"uncertainty"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "embedded_text", b"embedded_text", "is_label", b"is_label", "name", b"name", "observed_reward", b"observed_reward", "predicted_reward", b"predicted_reward", "sampling_probability", b"sampling_probability", "times_queried", b"times_queried", "uncertainty", b"uncertainty"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,16 +707,30 @@ class TopConceptsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONCEPTS_FIELD_NUMBER: _builtins.int
+    ITERATION_FIELD_NUMBER: _builtins.int
+    OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_FIELD_NUMBER: _builtins.int
+    VOCABULARY_SIZE_FIELD_NUMBER: _builtins.int
+    iteration: _builtins.int
+    """The distribution these rows come from: the one sampled for this iteration (0 = the prior)."""
+    observations: _builtins.int
+    """Observed concept rewards the posterior was fitted on, and how it was computed."""
+    reward_model: _builtins.str
+    vocabulary_size: _builtins.int
     @_builtins.property
     def concepts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConceptScore]: ...
     def __init__(
         self,
         *,
         concepts: _abc.Iterable[Global___ConceptScore] | None = ...,
+        iteration: _builtins.int = ...,
+        observations: _builtins.int = ...,
+        reward_model: _builtins.str = ...,
+        vocabulary_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts", "iteration", b"iteration", "observations", b"observations", "reward_model", b"reward_model", "vocabulary_size", b"vocabulary_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,6 +748,8 @@ class QueryRecord(_message.Message):
     COUNTS_FIELD_NUMBER: _builtins.int
     CONCEPT_REWARD_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_SOURCE_FIELD_NUMBER: _builtins.int
+    IS_LABEL_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     iteration: _builtins.int
     concept: _builtins.str
@@ -586,6 +758,10 @@ class QueryRecord(_message.Message):
     concept_reward: _builtins.float
     """Mean of the top image rewards of the query; set once the query is complete."""
     complete: _builtins.bool
+    descriptor_source: _builtins.str
+    """Which descriptor source produced `descriptor` ("none", "curated", "wordnet", "llm")."""
+    is_label: _builtins.bool
+    """True when the concept was one of the labels (label-guided mode)."""
     @_builtins.property
     def counts(self) -> _common_pb2.ImageCounts: ...
     def __init__(
@@ -599,10 +775,12 @@ class QueryRecord(_message.Message):
         counts: _common_pb2.ImageCounts | None = ...,
         concept_reward: _builtins.float = ...,
         complete: _builtins.bool = ...,
+        descriptor_source: _builtins.str = ...,
+        is_label: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "concept", b"concept", "concept_reward", b"concept_reward", "counts", b"counts", "descriptor", b"descriptor", "iteration", b"iteration", "query_id", b"query_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "concept", b"concept", "concept_reward", b"concept_reward", "counts", b"counts", "descriptor", b"descriptor", "descriptor_source", b"descriptor_source", "is_label", b"is_label", "iteration", b"iteration", "query_id", b"query_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

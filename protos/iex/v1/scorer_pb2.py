@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from iex.v1 import common_pb2 as iex_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13iex/v1/scorer.proto\x12\x06iex.v1\x1a\x13iex/v1/common.proto\"<\n\x12ScoreImagesRequest\x12\x16\n\x0e\x65xploration_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"G\n\x13ScoreImagesResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.iex.v1.ModelRef\"0\n\x16GetServingModelRequest\x12\x16\n\x0e\x65xploration_id\x18\x01 \x01(\t\"T\n\x17GetServingModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.iex.v1.ModelRef\x12\x18\n\x10target_bank_size\x18\x02 \x01(\x05\x32\xab\x01\n\rScorerService\x12\x46\n\x0bScoreImages\x12\x1a.iex.v1.ScoreImagesRequest\x1a\x1b.iex.v1.ScoreImagesResponse\x12R\n\x0fGetServingModel\x12\x1e.iex.v1.GetServingModelRequest\x1a\x1f.iex.v1.GetServingModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13iex/v1/scorer.proto\x12\x06iex.v1\x1a\x13iex/v1/common.proto\"<\n\x12ScoreImagesRequest\x12\x16\n\x0e\x65xploration_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"G\n\x13ScoreImagesResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.iex.v1.ModelRef\"0\n\x16GetServingModelRequest\x12\x16\n\x0e\x65xploration_id\x18\x01 \x01(\t\"T\n\x17GetServingModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.iex.v1.ModelRef\x12\x18\n\x10target_bank_size\x18\x02 \x01(\x05\"e\n\x14GetEmbeddingsRequest\x12\x16\n\x0e\x65xploration_id\x18\x01 \x01(\t\x12\x14\n\x0cpixel_sha256\x18\x02 \x03(\t\x12\x1f\n\x05model\x18\x03 \x01(\x0b\x32\x10.iex.v1.ModelRef\"6\n\x0eImageEmbedding\x12\x14\n\x0cpixel_sha256\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x88\x01\n\x15GetEmbeddingsResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.iex.v1.ModelRef\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12*\n\nembeddings\x18\x03 \x03(\x0b\x32\x16.iex.v1.ImageEmbedding\x12\x0f\n\x07missing\x18\x04 \x03(\t2\xf9\x01\n\rScorerService\x12\x46\n\x0bScoreImages\x12\x1a.iex.v1.ScoreImagesRequest\x1a\x1b.iex.v1.ScoreImagesResponse\x12R\n\x0fGetServingModel\x12\x1e.iex.v1.GetServingModelRequest\x1a\x1f.iex.v1.GetServingModelResponse\x12L\n\rGetEmbeddings\x12\x1c.iex.v1.GetEmbeddingsRequest\x1a\x1d.iex.v1.GetEmbeddingsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVINGMODELREQUEST']._serialized_end=235
   _globals['_GETSERVINGMODELRESPONSE']._serialized_start=237
   _globals['_GETSERVINGMODELRESPONSE']._serialized_end=321
-  _globals['_SCORERSERVICE']._serialized_start=324
-  _globals['_SCORERSERVICE']._serialized_end=495
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=323
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=424
+  _globals['_IMAGEEMBEDDING']._serialized_start=426
+  _globals['_IMAGEEMBEDDING']._serialized_end=480
+  _globals['_GETEMBEDDINGSRESPONSE']._serialized_start=483
+  _globals['_GETEMBEDDINGSRESPONSE']._serialized_end=619
+  _globals['_SCORERSERVICE']._serialized_start=622
+  _globals['_SCORERSERVICE']._serialized_end=871
 # @@protoc_insertion_point(module_scope)

@@ -109,3 +109,92 @@ class GetServingModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServingModelResponse: _TypeAlias = GetServingModelResponse  # noqa: Y015
+
+@_typing.final
+class GetEmbeddingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPLORATION_ID_FIELD_NUMBER: _builtins.int
+    PIXEL_SHA256_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    exploration_id: _builtins.str
+    @_builtins.property
+    def pixel_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """pixel_sha256 of stored images (lower-case hex), at most 256 per request."""
+
+    @_builtins.property
+    def model(self) -> _common_pb2.ModelRef:
+        """The model version to read; unset (or version 0) means the version serving the exploration."""
+
+    def __init__(
+        self,
+        *,
+        exploration_id: _builtins.str = ...,
+        pixel_sha256: _abc.Iterable[_builtins.str] | None = ...,
+        model: _common_pb2.ModelRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exploration_id", b"exploration_id", "model", b"model", "pixel_sha256", b"pixel_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEmbeddingsRequest: _TypeAlias = GetEmbeddingsRequest  # noqa: Y015
+
+@_typing.final
+class ImageEmbedding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIXEL_SHA256_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    pixel_sha256: _builtins.str
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """L2-normalised, `dimension` values."""
+
+    def __init__(
+        self,
+        *,
+        pixel_sha256: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pixel_sha256", b"pixel_sha256", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageEmbedding: _TypeAlias = ImageEmbedding  # noqa: Y015
+
+@_typing.final
+class GetEmbeddingsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    dimension: _builtins.int
+    @_builtins.property
+    def model(self) -> _common_pb2.ModelRef: ...
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageEmbedding]: ...
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Requested images never scored with this model version."""
+
+    def __init__(
+        self,
+        *,
+        model: _common_pb2.ModelRef | None = ...,
+        dimension: _builtins.int = ...,
+        embeddings: _abc.Iterable[Global___ImageEmbedding] | None = ...,
+        missing: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimension", b"dimension", "embeddings", b"embeddings", "missing", b"missing", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEmbeddingsResponse: _TypeAlias = GetEmbeddingsResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class ScorerServiceStub:
                 request_serializer=iex_dot_v1_dot_scorer__pb2.GetServingModelRequest.SerializeToString,
                 response_deserializer=iex_dot_v1_dot_scorer__pb2.GetServingModelResponse.FromString,
                 _registered_method=True)
+        self.GetEmbeddings = channel.unary_unary(
+                '/iex.v1.ScorerService/GetEmbeddings',
+                request_serializer=iex_dot_v1_dot_scorer__pb2.GetEmbeddingsRequest.SerializeToString,
+                response_deserializer=iex_dot_v1_dot_scorer__pb2.GetEmbeddingsResponse.FromString,
+                _registered_method=True)
 
 
 class ScorerServiceServicer:
@@ -63,6 +68,13 @@ class ScorerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEmbeddings(self, request, context):
+        """Embeddings of stored images, as the scorer computed them (per model version, kept in S3).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_ScorerServiceServicer_to_server(servicer, server):
                     servicer.GetServingModel,
                     request_deserializer=iex_dot_v1_dot_scorer__pb2.GetServingModelRequest.FromString,
                     response_serializer=iex_dot_v1_dot_scorer__pb2.GetServingModelResponse.SerializeToString,
+            ),
+            'GetEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEmbeddings,
+                    request_deserializer=iex_dot_v1_dot_scorer__pb2.GetEmbeddingsRequest.FromString,
+                    response_serializer=iex_dot_v1_dot_scorer__pb2.GetEmbeddingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class ScorerService:
             '/iex.v1.ScorerService/GetServingModel',
             iex_dot_v1_dot_scorer__pb2.GetServingModelRequest.SerializeToString,
             iex_dot_v1_dot_scorer__pb2.GetServingModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iex.v1.ScorerService/GetEmbeddings',
+            iex_dot_v1_dot_scorer__pb2.GetEmbeddingsRequest.SerializeToString,
+            iex_dot_v1_dot_scorer__pb2.GetEmbeddingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

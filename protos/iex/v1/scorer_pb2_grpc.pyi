@@ -35,6 +35,8 @@ class ScorerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ScorerServiceAsyncStub: ...
     ScoreImages: _grpc.UnaryUnaryMultiCallable[_scorer_pb2.ScoreImagesRequest, _scorer_pb2.ScoreImagesResponse]
     GetServingModel: _grpc.UnaryUnaryMultiCallable[_scorer_pb2.GetServingModelRequest, _scorer_pb2.GetServingModelResponse]
+    GetEmbeddings: _grpc.UnaryUnaryMultiCallable[_scorer_pb2.GetEmbeddingsRequest, _scorer_pb2.GetEmbeddingsResponse]
+    """Embeddings of stored images, as the scorer computed them (per model version, kept in S3)."""
 
 @_typing.type_check_only
 class ScorerServiceAsyncStub(ScorerServiceStub):
@@ -43,6 +45,8 @@ class ScorerServiceAsyncStub(ScorerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ScoreImages: _aio.UnaryUnaryMultiCallable[_scorer_pb2.ScoreImagesRequest, _scorer_pb2.ScoreImagesResponse]  # type: ignore[assignment]
     GetServingModel: _aio.UnaryUnaryMultiCallable[_scorer_pb2.GetServingModelRequest, _scorer_pb2.GetServingModelResponse]  # type: ignore[assignment]
+    GetEmbeddings: _aio.UnaryUnaryMultiCallable[_scorer_pb2.GetEmbeddingsRequest, _scorer_pb2.GetEmbeddingsResponse]  # type: ignore[assignment]
+    """Embeddings of stored images, as the scorer computed them (per model version, kept in S3)."""
 
 class ScorerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Rewards of images against an exploration's target, through the Triton-served encoder."""
@@ -60,5 +64,13 @@ class ScorerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scorer_pb2.GetServingModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scorer_pb2.GetServingModelResponse, _abc.Awaitable[_scorer_pb2.GetServingModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetEmbeddings(
+        self,
+        request: _scorer_pb2.GetEmbeddingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scorer_pb2.GetEmbeddingsResponse, _abc.Awaitable[_scorer_pb2.GetEmbeddingsResponse]]:
+        """Embeddings of stored images, as the scorer computed them (per model version, kept in S3)."""
 
 def add_ScorerServiceServicer_to_server(servicer: ScorerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

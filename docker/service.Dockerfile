@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1.7
+# The CPU image shared by planner, crawler, dedup, scorer and search: one image, one entry point
+# per service (`python -m services.<name>`; the chart sets the module as the container's args).
+#
+#   docker build -f docker/service.Dockerfile -t internet-explorer/service:0.1.0 .
+#
+# Bases are pinned by exact version; pin them by digest too in a registry you control
+# (--build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:...).
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+# ---- build: a virtual environment with the project and its wheels --------------------------
+FROM ${PYTHON_IMAGE} AS build
+# torch comes from PyTorch's CPU index: the PyPI wheel pulls ~3 GB of CUDA libraries that no CPU
+# service uses. The version matches pyproject.toml's pin.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# WordNet 3.0 (Debian wordnet-base): the planner's default vocabulary. Unpacked here and copied,
+# so the runtime stage neither runs apt nor needs network access to fetch it on first use.
+RUN apt-get update -qq \
+ && cd /tmp && apt-get download wordnet-base \
+ && dpkg-deb -x wordnet-base_*.deb /opt/debdata \
+ && test -f /opt/debdata/usr/share/wordnet/data.noun \
+ && rm -rf /tmp/*.deb /var/lib/apt/lists/*
+RUN python -m venv /opt/iex
+ENV PATH=/opt/iex/bin:$PATH
+RUN pip install --upgrade pip wheel \
+ && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+WORKDIR /src
+# Dependencies first (a code change does not reinstall them), then the project itself.
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY services ./services
+RUN pip install . \
+ && python -c "import services.planner.service, services.crawler.service, services.dedup.service, services.scorer.service, services.search.service" \
+ && python -m compileall -q /opt/iex
+
+# ---- runtime: the environment, an unprivileged user, nothing to build with --------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="internet-explorer-service" \
+      org.opencontainers.image.description="Internet Explorer CPU services: planner, crawler, dedup, scorer, search" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 iex \
+ && useradd --system --uid 10001 --gid iex --home-dir /home/iex --create-home --shell /usr/sbin/nologin iex
+COPY --from=build /opt/iex /opt/iex
+COPY --from=build /opt/debdata/usr/share/wordnet /usr/share/wordnet
+# HOME and caches under /tmp: pods run with a read-only root file system and an emptyDir at /tmp.
+ENV PATH=/opt/iex/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    IEX_WORDNET_DIR=/usr/share/wordnet \
+    IEX_GRPC_HOST=0.0.0.0
+USER 10001:10001
+WORKDIR /home/iex
+# planner gRPC; each service's ports are set by the chart (IEX_GRPC_PORT, IEX_METRICS_PORT).
+EXPOSE 50051 9101
+ENTRYPOINT ["python", "-m"]
+CMD ["services.planner"]

@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1.7
+# The GPU trainer: the same project with PyPI's CUDA build of torch (its wheels carry the CUDA
+# runtime, cuDNN and NCCL), so the base needs no CUDA toolkit; the node supplies the driver through
+# the NVIDIA container runtime (a driver new enough for torch's CUDA 13 build).
+#
+#   docker build -f docker/trainer.Dockerfile -t internet-explorer/trainer:0.1.0 .
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+# ---- build -----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/iex
+ENV PATH=/opt/iex/bin:$PATH
+RUN pip install --upgrade pip wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY services ./services
+# torch, torchvision and timm at the versions pyproject.toml pins (CUDA build from PyPI).
+RUN pip install . \
+ && python -c "import services.trainer.service" \
+ && python -m compileall -q /opt/iex
+
+# ---- runtime ---------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="internet-explorer-trainer" \
+      org.opencontainers.image.description="Internet Explorer GPU trainer (MoCo-v3 on target + web images, ONNX export for Triton)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 iex \
+ && useradd --system --uid 10001 --gid iex --home-dir /home/iex --create-home --shell /usr/sbin/nologin iex
+COPY --from=build /opt/iex /opt/iex
+ENV PATH=/opt/iex/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    IEX_GRPC_HOST=0.0.0.0 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER 10001:10001
+WORKDIR /home/iex
+EXPOSE 50055 9105
+ENTRYPOINT ["python", "-m"]
+CMD ["services.trainer"]
