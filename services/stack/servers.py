@@ -15,6 +15,7 @@ state directory by PID (what `python -m services.stack down` does).
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -42,6 +43,7 @@ DEFAULT_S3_ACCESS_KEY = "iex-local"
 DEFAULT_S3_SECRET_KEY = "iex-local-secret"
 DEFAULT_S3_REGION = "us-east-1"
 DEFAULT_KAFKA_S3_BUCKET = "iex-kafka"
+S3_PROBE_BUCKET = "iex-stack-probe"  # readiness writes and reads one object here
 DEFAULT_TRITON_HTTP = f"{LOOPBACK}:{endpoints.TRITON_HTTP_PORT}"
 KAFKA_STORAGES = ("memory", "s3")
 
@@ -364,10 +366,21 @@ def s3_ready(environ: Mapping[str, str] | None = None) -> bool:
     if not port_open(LOOPBACK, endpoints.S3_PORT) or _weed_data_nodes() < 1:
         return False
     try:
-        s3_client(environ, timeout_s=2.0, retries=False).list_buckets()
+        client = s3_client(environ, timeout_s=2.0, retries=False)
+        client.list_buckets()
+        # A write and a read back: after a kill -9 the filer answers before the volume server
+        # serves data again, and "ready" must mean that acknowledged objects can be read.
+        if not client.bucket_exists(S3_PROBE_BUCKET):
+            client.make_bucket(S3_PROBE_BUCKET)
+        client.put_object(S3_PROBE_BUCKET, "probe", io.BytesIO(b"ok"), 2)
+        response = client.get_object(S3_PROBE_BUCKET, "probe")
+        try:
+            return response.read() == b"ok"
+        finally:
+            response.close()
+            response.release_conn()
     except Exception:  # noqa: BLE001 - any failure only means "not ready yet"
         return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
