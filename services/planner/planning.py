@@ -29,7 +29,10 @@ from services.planner.descriptors import ConceptRef, Descriptor, DescriptorSourc
 
 PAPER_LABEL_FRACTION = 0.5
 PAPER_PRUNE_FRACTION = 0.1
-# Automatic rule on CUDA: exact up to this many distinct observed concepts (~40 paper iterations x 256 + margin).
+# Exact posterior up to this many distinct observed concepts unless an exploration says otherwise.
+# CPU: ~8 iterations of 256 queries; a step then costs ~1.5e12 flops, ~20 s on two cores, small next
+# to an iteration. CUDA: the paper's whole run (~40 x 256) with margin, about a second a step.
+CPU_EXACT_MAX = 2048
 CUDA_EXACT_MAX = 16384
 
 
@@ -48,7 +51,7 @@ class ModelParams:
     length_scale: float = 1.0
     noise: float = 0.1
     rank: int = 512
-    exact_max: int = 0  # 0: automatic (exact while it costs no more than FIC)
+    exact_max: int = 0  # 0: CPU_EXACT_MAX on a CPU, CUDA_EXACT_MAX on CUDA
     normalize: bool = True
     blocks: bool = True  # PIC with the pool's blocks (WordNet synsets) when it has them, else FIC
 
@@ -175,15 +178,6 @@ def label_guided_pool(
 # ------------------------------------------------------------------------------------------------
 
 
-def exact_cost(pool_size: int, observed: int, dimension: int) -> float:
-    """Flops of the exact posterior over the pool (kernel blocks, mean, variance)."""
-    return pool_size * observed * (2.0 * dimension + 2.0 * observed) + observed**3 / 3.0
-
-
-def fic_cost(pool_size: int, observed: int, rank: int) -> float:
-    return 2.0 * pool_size * rank * rank + 2.0 * observed * rank * rank
-
-
 class RewardModel:
     """The GP posterior over a pool; caches the vocabulary factors FIC needs (one per pool, length-scale, rank)."""
 
@@ -197,17 +191,13 @@ class RewardModel:
         self.factor_seconds: dict[tuple, float] = {}
 
     def method(self, pool: Pool, distinct_observed: int, params: ModelParams) -> str:
+        """exact up to `exact_max` distinct observed concepts (by default 2,048 on a CPU, 16,384 on CUDA), then PIC/FIC."""
         if distinct_observed == 0:
             return "prior"
         if len(pool) <= params.rank:
             return "exact"  # a factor of rank >= the pool would be the exact kernel anyway
-        if params.exact_max > 0:
-            return "exact" if distinct_observed <= params.exact_max else self._approximation(pool, params)
-        if self.device.type == "cuda":
-            # A GPU runs the exact posterior over the whole vocabulary at the paper's scale in about a second.
-            return "exact" if distinct_observed <= CUDA_EXACT_MAX else self._approximation(pool, params)
-        d = pool.embeddings.shape[1] if pool.embeddings is not None else 384
-        return "exact" if exact_cost(len(pool), distinct_observed, d) <= fic_cost(len(pool), distinct_observed, params.rank) else self._approximation(pool, params)
+        limit = params.exact_max or (CUDA_EXACT_MAX if self.device.type == "cuda" else CPU_EXACT_MAX)
+        return "exact" if distinct_observed <= limit else self._approximation(pool, params)
 
     @staticmethod
     def _approximation(pool: Pool, params: ModelParams) -> str:

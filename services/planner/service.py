@@ -73,7 +73,7 @@ class PlannerSettings(ServiceSettings):
     planner_gp_noise: float = setting(0.1, help="GP observation noise variance on standardised rewards, when a request leaves it at 0", minimum=1e-6)
     planner_gp_rank: int = setting(512, help="rank of the vocabulary kernel factor the approximate GP uses", minimum=16, maximum=8192)
     planner_gp_exact_max: int = setting(
-        0, help="distinct observed concepts up to which the GP is exact; 0: automatic (exact while no slower than the approximation)", minimum=0
+        0, help="distinct observed concepts up to which the GP is exact, then PIC/FIC; 0: 2048 on a CPU, 16384 on CUDA", minimum=0
     )
     planner_gp_normalize: bool = setting(True, help="standardise concept rewards before the GP (scikit-learn's normalize_y)")
     planner_device: str = setting("auto", help="torch device of the reward model: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))

@@ -11,8 +11,11 @@ from services.planner.descriptors import LLM, SOURCES as DESCRIPTOR_SOURCES
 from services.planner.vocabulary import CUSTOM, WORDNET
 
 EXPLORATION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-# What the trainer can initialise from today; pretrained and s3:// checkpoints arrive with the trainer issue.
-KNOWN_INITS = ("random",)
+# What the trainer can initialise from (services/trainer/initialisation.py): a named init or a checkpoint in S3.
+KNOWN_INITS = ("random", "efficientnet-lite0")
+S3_CHECKPOINT = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00-\x1f]{1,1000}[^/]$")
+# Weights that only fit one architecture: a request naming that init gets its backbone by default.
+INIT_BACKBONES = {"efficientnet-lite0": "tf_efficientnet_lite0"}
 
 
 class InvalidField(ValueError):
@@ -106,11 +109,13 @@ def normalise_spec(spec: planner_pb2.ExplorationSpec, defaults: SpecDefaults) ->
         raise InvalidField("spec.search_backend", f"unknown backend {out.search_backend!r}; known: {', '.join(defaults.search_backends)}")
     if not out.init:
         out.init = defaults.init
-    if out.init not in KNOWN_INITS:
-        raise InvalidField("spec.init", f"must be one of {', '.join(KNOWN_INITS)}, got {out.init[:100]!r}")
-    if not out.backbone:
-        out.backbone = defaults.backbone
-    if not re.match(r"^[a-z0-9_.]{1,80}$", out.backbone):
+    if out.init not in KNOWN_INITS and not S3_CHECKPOINT.match(out.init):
+        raise InvalidField("spec.init", f"must be one of {', '.join(KNOWN_INITS)} or s3://bucket/key of a checkpoint, got {out.init[:100]!r}")
+    if not out.backbone and not out.init.startswith("s3://"):  # a checkpoint brings its own architecture
+        out.backbone = INIT_BACKBONES.get(out.init, defaults.backbone)
+    elif out.init in INIT_BACKBONES and out.backbone != INIT_BACKBONES[out.init]:
+        raise InvalidField("spec.backbone", f"{out.init} weights are for {INIT_BACKBONES[out.init]}, not {out.backbone[:100]!r}")
+    if out.backbone and not re.match(r"^[a-z0-9_.]{1,80}$", out.backbone):
         raise InvalidField("spec.backbone", f"not a timm model name: {out.backbone[:100]!r}")
     if out.image_size == 0:
         out.image_size = defaults.image_size

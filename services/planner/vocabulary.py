@@ -323,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load(ServiceSettings)
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket(settings.s3_bucket)
-    cache = EmbeddingCache(store, settings.s3_bucket)
+    cache_dir = os.environ.get("IEX_PLANNER_VOCABULARY_CACHE_DIR")  # the planner's own setting, if the operator set it
+    cache = EmbeddingCache(store, settings.s3_bucket, cache_dir=Path(cache_dir) if cache_dir else None)
     began = time.monotonic()
     cache.get(vocabulary)
     job = cache.jobs[vocabulary.digest]

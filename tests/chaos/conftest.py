@@ -73,7 +73,7 @@ def chaos_stack(request):
         "IEX_TLS_REQUIRE_CLIENT_CERT": "true",
         "IEX_AUTH_REQUIRED": "true",
         "IEX_AUTH_TOKENS": f"chaos-operator:{token}",
-        # Services call each other (dedup asks the planner) with their own certificate.
+        # Faults, not training quality, are the subject: short CPU training per iteration.
         "IEX_TRAINER_MAX_STEPS": os.environ.get("IEX_TRAINER_MAX_STEPS", "10"),
     }
     client = security.ClientSettings(tls_ca=str(ca.ca_path), tls_cert=str(operator.cert), tls_key=str(operator.key), auth_token=token)

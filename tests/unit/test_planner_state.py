@@ -61,6 +61,8 @@ def test_record_round_trips_through_json():
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], iterations=5000), "spec.iterations"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], search_backend="google"), "spec.search_backend"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], init="imagenet"), "spec.init"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], init="s3://iex/checkpoints/"), "spec.init"),
+        (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], init="efficientnet-lite0", backbone="resnet50"), "spec.backbone"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], mode=common_pb2.EXPLORATION_MODE_LABELS), "spec.labels"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], image_size=8), "spec.image_size"),
         (planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], vocabulary="wordnet"), "spec.concepts"),
@@ -104,6 +106,14 @@ def test_defaults_fill_zero_fields():
     spec = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS)
     assert (spec.iterations, spec.queries_per_iteration, spec.images_per_query) == (2, 4, 5)
     assert spec.mode == common_pb2.EXPLORATION_MODE_IE and spec.search_backend == "local"
+
+
+def test_inits_the_trainer_knows_are_accepted_with_their_architecture():
+    lite0 = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], init="efficientnet-lite0"), DEFAULTS)
+    assert lite0.backbone == "tf_efficientnet_lite0"
+    checkpoint = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], init="s3://iex/checkpoints/e/v3.pt"), DEFAULTS)
+    assert checkpoint.init == "s3://iex/checkpoints/e/v3.pt" and checkpoint.backbone == ""  # the checkpoint's own architecture
+    assert normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS).backbone == DEFAULTS.backbone
 
 
 def test_defaults_are_the_papers_sampling_and_model():

@@ -192,7 +192,7 @@ class RewardModelSpec(_message.Message):
     """Rank of the vocabulary kernel factor used past `exact_max` observed concepts; 0 means the planner's default."""
     exact_max: _builtins.int
     """Distinct observed concepts up to which the posterior is exact; 0 means the planner's default
-    (automatic: exact while it costs no more than the approximation).
+    (2,048 on a CPU, 16,384 on CUDA).
     """
     def __init__(
         self,
