@@ -95,6 +95,18 @@ def _model_ref(value: tuple[str, int] | None) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(name=value[0], version=value[1]) if value else common_pb2.ModelRef()
 
 
+def _evaluation(value: dict | None) -> planner_pb2.EncoderEvaluation:
+    if not value:
+        return planner_pb2.EncoderEvaluation()
+    model = value.get("model") or None
+    return planner_pb2.EncoderEvaluation(
+        model=_model_ref(tuple(model) if model else None),
+        knn_top1=float(value.get("knn_top1", 0.0)),
+        linear_probe_top1=float(value.get("linear_probe_top1", 0.0)),
+        eval_images=int(value.get("eval_images", 0)),
+    )
+
+
 class Explorations:
     """The records, guarded by one lock; a condition wakes watchers on every change."""
 
@@ -638,6 +650,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         it.queries_incomplete = incomplete
         it.final_counts = it.counts()
         it.phase = common_pb2.ITERATION_PHASE_TRAINING
+        it.collected_at = time.time()
         self.m_iteration_seconds.observe(time.time() - it.started_at)
 
         # Candidates: images this iteration stored as new objects; replay: the best share of them.
@@ -802,6 +815,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             it = record.iterations.get(event.iteration)
             if it is not None:
                 it.trained_model = (event.model.name, event.model.version)
+                if not it.trained_at:  # a republished version keeps its first publication time
+                    it.trained_at = time.time()
                 self.explorations.mark(record)
 
     def on_evaluation(self, event: events_pb2.EvaluationFinished, ctx: EventContext) -> None:
@@ -809,9 +824,21 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             record = self.explorations.records.get(event.exploration_id)
             if record is None:
                 return
+            if event.iteration == 0:
+                # The initial encoder, before any web image: kept so reports can compare before/after.
+                record.initial_evaluation = {
+                    "model": [event.model.name, int(event.model.version)],
+                    "knn_top1": float(event.knn_top1),
+                    "linear_probe_top1": float(event.linear_probe_top1),
+                    "eval_images": int(event.eval_images),
+                }
+                self.explorations.mark(record)
+                return
             it = record.iterations.get(event.iteration)
             if it is not None:
                 it.knn_top1 = float(event.knn_top1)
+                it.linear_probe_top1 = float(event.linear_probe_top1)
+                it.eval_images = int(event.eval_images)
                 self.explorations.mark(record)
 
     # ---- gRPC API ------------------------------------------------------------------------------
@@ -831,8 +858,12 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                     scored_with=_model_ref(it.scored_with),
                     trained_model=_model_ref(it.trained_model),
                     knn_top1=it.knn_top1 or 0.0,
+                    linear_probe_top1=it.linear_probe_top1 or 0.0,
+                    eval_images=it.eval_images,
                     started_at=_ts(it.started_at),
                     finished_at=_ts(it.finished_at),
+                    collected_at=_ts(it.collected_at),
+                    trained_at=_ts(it.trained_at),
                     reward_model=it.reward_model,
                     planning_seconds=it.planning_seconds,
                 )
@@ -853,6 +884,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             detail=record.detail or self._waiting_detail(record),
             vocabulary_digest=record.vocabulary_digest,
             vocabulary_size=record.vocabulary_size,
+            initial_evaluation=_evaluation(record.initial_evaluation),
         )
 
     @staticmethod

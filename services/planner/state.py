@@ -102,6 +102,11 @@ class IterationState:
     scored_with: tuple[str, int] | None = None
     trained_model: tuple[str, int] | None = None
     knn_top1: float | None = None
+    linear_probe_top1: float | None = None
+    eval_images: int = 0
+    # When collecting ended (the trainer was handed the iteration) and when its model was published.
+    collected_at: float = 0.0
+    trained_at: float = 0.0
     queries_incomplete: int = 0
     manifest_key: str = ""
     # Frozen once the iteration leaves COLLECTING, so late events cannot change the reported numbers.
@@ -174,6 +179,8 @@ class ExplorationRecord:
     detail: str = ""
     vocabulary_digest: str = ""
     vocabulary_size: int = 0
+    # The initial encoder's evaluation (iteration 0): model name/version, knn_top1, linear_probe_top1, eval_images.
+    initial_evaluation: dict[str, Any] | None = None
     # Bumped on every change; watchers wait on it.
     revision: int = 0
 

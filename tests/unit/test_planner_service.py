@@ -320,3 +320,29 @@ def test_create_rejects_a_wordnet_request_when_no_default_vocabulary(tmp_path):
     with pytest.raises(Aborted) as info:
         service.CreateExploration(planner_pb2.CreateExplorationRequest(spec=planner_pb2.ExplorationSpec(target_uri="s3://iex/targets/t")), Context())
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.details.startswith("spec.concepts")
+
+
+def test_evaluations_before_and_after_and_stage_times_are_recorded(tmp_path):
+    """Iteration 0's EvaluationFinished is the initial encoder ("before"); each iteration keeps its
+    k-NN and linear probe, and when it was collected, trained and served. All survive a restart."""
+    store, publisher = FakeStore(), FakePublisher()
+    service = make_service(store, publisher, tmp_path)
+    create(service)
+    ref = lambda v: common_pb2.ModelRef(name="enc_e1", version=v)  # noqa: E731
+    service.on_evaluation(events_pb2.EvaluationFinished(exploration_id="e1", iteration=0, model=ref(1), knn_top1=0.25, linear_probe_top1=0.5, eval_images=8), None)
+    serve(service, 1)
+    plan_until_done(service)
+    finish_iteration(service, 1)
+    service.on_model_published(events_pb2.ModelPublished(exploration_id="e1", iteration=1, model=ref(2)), None)
+    service.on_evaluation(events_pb2.EvaluationFinished(exploration_id="e1", iteration=1, model=ref(2), knn_top1=0.375, linear_probe_top1=0.625, eval_images=8), None)
+    serve(service, 2)
+    service._sync()
+    for planner in (service, make_service(store, FakePublisher(), tmp_path)):
+        e = planner.GetExploration(planner_pb2.GetExplorationRequest(exploration_id="e1"), Context()).exploration
+        before = e.initial_evaluation
+        assert (before.model.version, before.knn_top1, before.linear_probe_top1, before.eval_images) == (1, 0.25, 0.5, 8)
+        it = e.iterations[0]
+        assert it.iteration == 1 and it.phase == common_pb2.ITERATION_PHASE_FINISHED
+        assert (it.knn_top1, it.linear_probe_top1, it.eval_images) == (0.375, 0.625, 8)
+        times = [t.ToNanoseconds() for t in (it.started_at, it.collected_at, it.trained_at, it.finished_at)]
+        assert all(times) and times == sorted(times)

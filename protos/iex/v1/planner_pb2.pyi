@@ -227,6 +227,10 @@ class IterationSummary(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     REWARD_MODEL_FIELD_NUMBER: _builtins.int
     PLANNING_SECONDS_FIELD_NUMBER: _builtins.int
+    LINEAR_PROBE_TOP1_FIELD_NUMBER: _builtins.int
+    EVAL_IMAGES_FIELD_NUMBER: _builtins.int
+    COLLECTED_AT_FIELD_NUMBER: _builtins.int
+    TRAINED_AT_FIELD_NUMBER: _builtins.int
     iteration: _builtins.int
     phase: _common_pb2.IterationPhase.ValueType
     mean_concept_reward: _builtins.float
@@ -238,6 +242,12 @@ class IterationSummary(_message.Message):
     """How the queries of this iteration were chosen: "uniform", "prior", "exact", "fic" or "pic" (see docs/planner.md)."""
     planning_seconds: _builtins.float
     """Seconds the planning step took (posterior over the vocabulary, sampling, descriptors)."""
+    linear_probe_top1: _builtins.float
+    """Cross-validated linear-probe top-1 accuracy of the model trained on this iteration, on the
+    target's labelled split (0 when not evaluated; see eval_images).
+    """
+    eval_images: _builtins.int
+    """Labelled images the evaluation of this iteration's model used; 0 means it was not evaluated."""
     @_builtins.property
     def counts(self) -> _common_pb2.ImageCounts: ...
     @_builtins.property
@@ -248,6 +258,14 @@ class IterationSummary(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def collected_at(self) -> _timestamp_pb2.Timestamp:
+        """When collecting ended (every query accounted for, or the deadline) and the trainer was handed
+        the iteration, and when the model trained on it was published; finished_at is when it was served.
+        """
+
+    @_builtins.property
+    def trained_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -264,14 +282,50 @@ class IterationSummary(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         reward_model: _builtins.str = ...,
         planning_seconds: _builtins.float = ...,
+        linear_probe_top1: _builtins.float = ...,
+        eval_images: _builtins.int = ...,
+        collected_at: _timestamp_pb2.Timestamp | None = ...,
+        trained_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "finished_at", b"finished_at", "scored_with", b"scored_with", "started_at", b"started_at", "trained_model", b"trained_model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "counts", b"counts", "finished_at", b"finished_at", "scored_with", b"scored_with", "started_at", b"started_at", "trained_at", b"trained_at", "trained_model", b"trained_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "finished_at", b"finished_at", "iteration", b"iteration", "knn_top1", b"knn_top1", "max_concept_reward", b"max_concept_reward", "mean_concept_reward", b"mean_concept_reward", "phase", b"phase", "planning_seconds", b"planning_seconds", "queries_incomplete", b"queries_incomplete", "reward_model", b"reward_model", "scored_with", b"scored_with", "started_at", b"started_at", "trained_model", b"trained_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "counts", b"counts", "eval_images", b"eval_images", "finished_at", b"finished_at", "iteration", b"iteration", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "max_concept_reward", b"max_concept_reward", "mean_concept_reward", b"mean_concept_reward", "phase", b"phase", "planning_seconds", b"planning_seconds", "queries_incomplete", b"queries_incomplete", "reward_model", b"reward_model", "scored_with", b"scored_with", "started_at", b"started_at", "trained_at", b"trained_at", "trained_model", b"trained_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IterationSummary: _TypeAlias = IterationSummary  # noqa: Y015
+
+@_typing.final
+class EncoderEvaluation(_message.Message):
+    """Representation quality of one encoder version on the target's labelled split."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    KNN_TOP1_FIELD_NUMBER: _builtins.int
+    LINEAR_PROBE_TOP1_FIELD_NUMBER: _builtins.int
+    EVAL_IMAGES_FIELD_NUMBER: _builtins.int
+    knn_top1: _builtins.float
+    linear_probe_top1: _builtins.float
+    eval_images: _builtins.int
+    """0 means the version was not evaluated (no labelled split)."""
+    @_builtins.property
+    def model(self) -> _common_pb2.ModelRef: ...
+    def __init__(
+        self,
+        *,
+        model: _common_pb2.ModelRef | None = ...,
+        knn_top1: _builtins.float = ...,
+        linear_probe_top1: _builtins.float = ...,
+        eval_images: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_images", b"eval_images", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncoderEvaluation: _TypeAlias = EncoderEvaluation  # noqa: Y015
 
 @_typing.final
 class Exploration(_message.Message):
@@ -292,6 +346,7 @@ class Exploration(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     VOCABULARY_DIGEST_FIELD_NUMBER: _builtins.int
     VOCABULARY_SIZE_FIELD_NUMBER: _builtins.int
+    INITIAL_EVALUATION_FIELD_NUMBER: _builtins.int
     exploration_id: _builtins.str
     state: _common_pb2.ExplorationState.ValueType
     current_iteration: _builtins.int
@@ -318,6 +373,12 @@ class Exploration(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def initial_evaluation(self) -> Global___EncoderEvaluation:
+        """The initial encoder (iteration 0, before any web image), evaluated like every trained one:
+        the "before" of the iterations' knn_top1 / linear_probe_top1.
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +397,11 @@ class Exploration(_message.Message):
         detail: _builtins.str = ...,
         vocabulary_digest: _builtins.str = ...,
         vocabulary_size: _builtins.int = ...,
+        initial_evaluation: Global___EncoderEvaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "serving_model", b"serving_model", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "initial_evaluation", b"initial_evaluation", "serving_model", b"serving_model", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "current_iteration", b"current_iteration", "detail", b"detail", "error", b"error", "exploration_id", b"exploration_id", "iterations", b"iterations", "iterations_finished", b"iterations_finished", "serving_model", b"serving_model", "spec", b"spec", "state", b"state", "stop_reason", b"stop_reason", "updated_at", b"updated_at", "vocabulary_digest", b"vocabulary_digest", "vocabulary_size", b"vocabulary_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "current_iteration", b"current_iteration", "detail", b"detail", "error", b"error", "exploration_id", b"exploration_id", "initial_evaluation", b"initial_evaluation", "iterations", b"iterations", "iterations_finished", b"iterations_finished", "serving_model", b"serving_model", "spec", b"spec", "state", b"state", "stop_reason", b"stop_reason", "updated_at", b"updated_at", "vocabulary_digest", b"vocabulary_digest", "vocabulary_size", b"vocabulary_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
