@@ -25,28 +25,18 @@ pixel identity, so the thumbnail is of what a viewer sees.
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from services.common import images
+from services.common.images import ImageRejected
 
 # Bumped whenever any hash below changes meaning; stored beside every hash so old caches are recomputed.
 HASH_VERSION = "2"
 
 DEFAULT_MAX_PIXELS = 40_000_000
-
-_EXIF_ORIENTATION = 0x0112
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
-
-class ImageRejected(ValueError):
-    """The bytes are not an image this system accepts; `reason` is a short, bounded token."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -79,67 +69,20 @@ def raw_sha256(data: bytes) -> str:
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> DecodedImage:
     """Decodes the first frame and normalises it; raises ImageRejected with a bounded reason.
 
-    The pixel count is checked from the header before any pixel is decoded, so a small file that
-    claims to be 100k x 100k costs nothing (the decompression-bomb guard).
+    The shared decoder (services.common.images): allow-listed formats only, and the pixel count
+    checked from the header before any pixel is decoded, so a small file that claims to be
+    100k x 100k costs nothing (the decompression-bomb guard).
     """
-    if not data:
-        raise ImageRejected("empty")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; our own limit decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels}")
-            if min(width, height) < min_side:
-                raise ImageRejected("too_small", f"{width}x{height} < {min_side}")
-            source_format = (image.format or "UNKNOWN").upper()
-            # is_animated looks at most one frame ahead; n_frames would walk every frame of a GIF.
-            frames = 2 if getattr(image, "is_animated", False) else 1
-            image.seek(0)
-            image.load()
-            source_mode = image.mode
-            image, transposed = _apply_orientation(image)
-            rgb, had_alpha = _to_rgb(image)
-    except ImageRejected:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected("too_many_pixels", str(exc)[:200]) from exc
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every decoder failure (truncated, corrupt, unknown format) is one outcome
-        raise ImageRejected("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    with images.open_image(data, max_pixels, min_side=min_side) as image, images.refusals():
+        source_format = (image.format or "UNKNOWN").upper()
+        # is_animated looks at most one frame ahead; n_frames would walk every frame of a GIF.
+        frames = 2 if getattr(image, "is_animated", False) else 1
+        image.seek(0)
+        image.load()
+        source_mode = image.mode
+        oriented, transposed = images.apply_orientation(image)
+        rgb, had_alpha = images.to_rgb(oriented)
     return DecodedImage(rgb=rgb, source_format=source_format, source_mode=source_mode, had_alpha=had_alpha, transposed=transposed, frames=frames)
-
-
-def _apply_orientation(image: Image.Image) -> tuple[Image.Image, bool]:
-    try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - malformed EXIF: show the pixels as stored
-        return image, False
-    if orientation in (None, 1):
-        return image, False
-    try:
-        return ImageOps.exif_transpose(image), True
-    except Exception:  # noqa: BLE001 - an orientation Pillow cannot apply: show the pixels as stored
-        return image, False
-
-
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit greyscale (some PNGs): Pillow's convert() would clip at 255 and turn it white.
-        wide = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(wide / 257.0, 0, 255).astype(np.uint8), mode="L").convert("RGB"), False
-    has_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        white.alpha_composite(rgba)
-        return white.convert("RGB"), True
-    if image.mode == "RGB":
-        return image, False
-    return image.convert("RGB"), False
 
 
 def pixel_sha256_of(rgb: Image.Image) -> str:
@@ -182,21 +125,16 @@ class PerceptualHashes:
 
 def _reduced_jpeg_grey(data: bytes, max_pixels: int) -> Image.Image | None:
     """The JPEG decoded to greyscale at the smallest DCT scale keeping both sides >= THUMBNAIL_SIDE."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+    with images.open_image(data, max_pixels) as image:
         if image.format != "JPEG":
             return None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels}")
         # Only YCbCr/greyscale JPEGs become "L" here; CMYK keeps its mode and is converted below.
         image.draft("L", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         image.load()
-        image, _ = _apply_orientation(image)
-    if image.mode != "L":
-        image = _to_rgb(image)[0].convert("L")
-    return image
+        oriented, _ = images.apply_orientation(image)
+    if oriented.mode != "L":
+        oriented = images.to_rgb(oriented)[0].convert("L")
+    return oriented
 
 
 def grey_thumbnail_source(data: bytes | None, decoded: DecodedImage | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -207,8 +145,10 @@ def grey_thumbnail_source(data: bytes | None, decoded: DecodedImage | None = Non
     if data is not None and (decoded is None or decoded.source_format == "JPEG"):
         try:
             reduced = _reduced_jpeg_grey(data, max_pixels)
-        except ImageRejected:
-            raise
+        except ImageRejected as exc:
+            if exc.reason == "too_many_pixels":
+                raise
+            reduced = None  # a JPEG the reduced decoder cannot read: the full decode decides
         except Exception:  # noqa: BLE001 - a JPEG the reduced decoder cannot read: fall back to the full decode
             reduced = None
         if reduced is not None:

@@ -2,22 +2,21 @@
 
 The encoder graph in Triton does the float scaling and normalisation itself (see
 services.common.modelrepo), so the client only has to produce square RGB pixels of the model's
-size: shorter side resized to S, then the centre S x S crop (the usual evaluation transform).
+size: the centre square of the picture resized to S x S (the usual evaluation framing), decoded by
+the shared decoder of untrusted images (services.common.images: allow-listed formats, bomb guard).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.common.images import ImageRejected, square_pixels
 
 # Default ceiling on decoded pixels: far above any real photo, far below what exhausts memory
 # (Pillow's own guard only warns below 2x its limit; we refuse outright).
 DEFAULT_MAX_PIXELS = 64_000_000
-_WHITE = (255, 255, 255)
 
 
 class ImageDecodeError(ValueError):
@@ -28,78 +27,21 @@ class ImageDecodeError(ValueError):
         self.index = index
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited on white (web images and Tux Paint stamps are
-    cut-outs; black behind them would make every cut-out look alike to the encoder)."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit greyscale (some PNGs): Pillow's convert() would clip at 255 and turn it white.
-        wide = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(wide / 257.0, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode != "RGB":
-        return image.convert("RGB")
-    return image
-
-
 def decode_image(data: bytes, image_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes `data` and returns uint8 [image_size, image_size, 3] (RGB, C-contiguous).
 
-    Raises ImageDecodeError for anything that is not a decodable image, or one whose declared
-    size exceeds `max_pixels` (checked from the header, before any pixel is decoded).
+    Raises ImageDecodeError for anything that is not a decodable image in an allowed format, or
+    one whose declared size exceeds `max_pixels` (checked from the header, before any pixel is
+    decoded). The decoding is the shared one (services.common.images.square_pixels): the centre
+    square is cropped before it is resized, so an extreme aspect ratio costs what its pixels cost.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    if not data:
-        raise ImageDecodeError("empty image")
     try:
-        with warnings.catch_warnings():
-            # Pillow signals a probable decompression bomb with a warning; treat it as fatal.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width < 1 or height < 1:
-                    raise ImageDecodeError(f"image has no pixels ({width}x{height})")
-                if width * height > max_pixels:
-                    raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
-                # JPEG can decode at 1/2, 1/4, 1/8 scale directly: much cheaper for big photos.
-                # draft() never goes below the requested size, so quality at S is unaffected.
-                scale = image_size / min(width, height)
-                if scale < 1.0:
-                    image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-                image.load()
-                # In place: the opened image is ours, and a copy per image would cost a full frame.
-                ImageOps.exif_transpose(image, in_place=True)
-                rgb = _to_rgb(image)
-                square = _resize_center_crop(rgb, image_size)
-    except ImageDecodeError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"not a decodable image: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        # Truncated or corrupt files surface as any of these from Pillow's decoders.
-        raise ImageDecodeError(f"corrupt image: {type(exc).__name__}: {exc}") from exc
-    pixels = np.asarray(square, dtype=np.uint8)
-    if pixels.shape != (image_size, image_size, 3):
-        raise ImageDecodeError(f"decoded to unexpected shape {pixels.shape}")
-    return np.ascontiguousarray(pixels)
-
-
-def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    scale = size / min(width, height)
-    # round() can land one pixel short of `size` on the shorter side; never below it.
-    new_w = max(size, round(width * scale))
-    new_h = max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        # reducing_gap: a cheap box pre-shrink before the bicubic pass, visually identical.
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left = (new_w - size) // 2
-    top = (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+        return square_pixels(data, image_size, max_pixels=max_pixels)
+    except ImageRejected as exc:
+        # "<reason>: <detail>", the reason one of empty, too_many_pixels, undecodable.
+        raise ImageDecodeError(str(exc)) from exc
 
 
 def decode_batch(images: Sequence[bytes], image_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

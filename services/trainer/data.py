@@ -14,21 +14,20 @@ so the replay buffer and the training set are unambiguous whatever bucket an ima
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 from services.common.errors import PermanentError
-from services.common.objectstore import ObjectStore, parse_s3_uri
+from services.common.images import square_pixels
+from services.common.objectstore import InvalidObjectRequest, ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -226,34 +225,11 @@ def plan_training_set(
 
 
 def decode_square(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image -> uint8 [size, size, 3] RGB: shorter side resized to `size`, centre crop,
-    the framing the scorer uses for the served encoder, so training and scoring see images alike.
-    Transparency is composited on white (cut-out photos and drawings are transparent around the
-    object). Raises ValueError (or Pillow's OSError family) for anything unusable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width < 1 or height < 1 or width * height > max_pixels:
-                raise ValueError(f"unusable image size {width}x{height}")
-            scale = size / min(width, height)
-            if scale < 1.0:
-                # JPEG decodes at 1/2..1/8 scale directly; draft never goes below the request.
-                image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            else:
-                rgb = image.convert("RGB")
-    width, height = rgb.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    """Encoded image -> uint8 [size, size, 3] RGB: the centre square resized to `size`, the framing
+    the scorer uses for the served encoder, so training and scoring see images alike (both go
+    through services.common.images: allow-listed formats, bomb guard, orientation, transparency
+    composited on white). Raises ImageRejected (a ValueError) for anything unusable."""
+    return square_pixels(data, size, max_pixels=max_pixels)
 
 
 @dataclass
@@ -275,7 +251,11 @@ def fetch_images(store: ObjectStore, default_bucket: str, references: Sequence[s
             bucket, key = resolve(reference, default_bucket)
         except ValueError:
             return "bad_reference", None
-        data = store.get_or_none(bucket, key)
+        try:
+            data = store.get_or_none(bucket, key)
+        except InvalidObjectRequest:
+            # S3 refuses the request itself (a key it cannot store): a bad reference, not an outage.
+            return "bad_reference", None
         if data is None:
             return "missing", None
         try:

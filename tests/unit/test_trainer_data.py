@@ -157,6 +157,24 @@ def test_fetch_skips_missing_and_broken_images_and_keeps_repeats():
     assert batch.skipped == {"missing": 1, "undecodable": 1}
 
 
+def test_fetch_treats_a_key_s3_refuses_as_a_bad_reference_not_an_outage():
+    """A reference S3 refuses outright (InvalidObjectRequest: a `..` segment, an over-long name) is
+    skipped and counted; raising it would fail the whole training set for one hostile manifest line."""
+    from services.common.objectstore import InvalidObjectRequest
+
+    class Refusing(MemoryStore):
+        def get_or_none(self, bucket, key):
+            if ".." in key:
+                raise InvalidObjectRequest(f"{bucket}/{key}: InvalidRequest")
+            return super().get_or_none(bucket, key)
+
+    store = Refusing()
+    store.put_bytes(BUCKET, "a.png", png((10, 20, 30)))
+    batch = data.fetch_images(store, BUCKET, ["a.png", "images/../../etc/passwd"], 8, workers=2)
+    assert batch.references == ["a.png"]
+    assert batch.skipped == {"bad_reference": 1}
+
+
 def test_target_eval_listing_reads_labels_from_folders():
     store = MemoryStore()
     for key in ["t/eval/rose/1.png", "t/eval/rose/2.png", "t/eval/tulip/1.png", "t/eval/loose.png", "t/train/1.png"]:
