@@ -72,3 +72,12 @@ class ScorerMetrics:
         self.concept_rewards_published = metrics.counter(
             "concept_rewards_published_total", "ConceptRewardUpdated events published"
         )
+        self.decisions_parked = metrics.counter(
+            "decisions_parked_total", "Decisions parked in S3 because no model served their exploration yet"
+        )
+        self.parked_decisions_scored = metrics.counter(
+            "parked_decisions_scored_total", "Parked decisions taken back and scored once a model served their exploration"
+        )
+        # Objects of parked decisions (one per committed batch) waiting in S3 for a model, as of
+        # this replica's last sweep.
+        self.parked_batches = metrics.gauge("parked_decision_batches", "Objects of parked decisions awaiting a model (last sweep)")

@@ -3,6 +3,8 @@
 - `scorer/explorations/<id>.json`    the exploration's target (from ExplorationCreated)
 - `scorer/serving/<id>.json`         the model version announced with ModelServing
 - `scorer/pending-models/<id>.json`  a ModelPublished that arrived before its ExplorationCreated
+- `scorer/parked-decisions/<id>/<parked at, ms>-<token>.json`  decisions of a committed batch that
+  no model served yet (docs/scorer.md, "Decisions before the first model")
 - `scorer/concepts/<id>/<query>.json` a query's running concept reward (services.scorer.concepts)
 
 Embeddings (images and target banks, per model version) live under `embeddings/`; see
@@ -17,7 +19,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from iex.v1 import events_pb2
 
@@ -94,3 +96,60 @@ def pending_model_to_json(event: events_pb2.ModelPublished) -> dict[str, Any]:
 
 def pending_model_from_json(value: dict[str, Any]) -> events_pb2.ModelPublished:
     return events_pb2.ModelPublished.FromString(base64.b64decode(value["event"]))
+
+
+PARKED_DECISIONS_PREFIX = f"{PREFIX}/parked-decisions/"
+
+
+@dataclass(frozen=True)
+class ParkedDecision:
+    decision: events_pb2.ImageDecision
+    # Where the record was consumed (for its dead letter, if it comes to that); -1 when unknown.
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+    key: str = ""
+
+
+def parked_decisions_key(exploration_id: str, parked_at_ms: int, token: str) -> str:
+    return f"{PARKED_DECISIONS_PREFIX}{exploration_id}/{parked_at_ms:013d}-{token}.json"
+
+
+def parse_parked_key(key: str) -> tuple[str, int] | None:
+    """(exploration id, parked at ms) of a parked-decisions key, None for anything else."""
+    if not key.startswith(PARKED_DECISIONS_PREFIX):
+        return None
+    exploration_id, _, name = key[len(PARKED_DECISIONS_PREFIX) :].partition("/")
+    stamp = name.split("-", 1)[0]
+    if not valid_exploration_id(exploration_id) or not name.endswith(".json") or not stamp.isdigit():
+        return None
+    return exploration_id, int(stamp)
+
+
+def parked_to_json(items: Sequence[ParkedDecision], parked_at: float) -> dict[str, Any]:
+    return {
+        "parked_at": parked_at,
+        "decisions": [
+            {
+                "event": base64.b64encode(item.decision.SerializeToString()).decode("ascii"),
+                "topic": item.topic,
+                "partition": item.partition,
+                "offset": item.offset,
+                "key": item.key,
+            }
+            for item in items
+        ],
+    }
+
+
+def parked_from_json(value: dict[str, Any]) -> list[ParkedDecision]:
+    return [
+        ParkedDecision(
+            decision=events_pb2.ImageDecision.FromString(base64.b64decode(entry["event"])),
+            topic=str(entry.get("topic", "")),
+            partition=int(entry.get("partition", -1)),
+            offset=int(entry.get("offset", -1)),
+            key=str(entry.get("key", "")),
+        )
+        for entry in value.get("decisions", [])
+    ]

@@ -28,7 +28,9 @@ same concept reward.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -98,6 +100,14 @@ class ScorerSettings(ServiceSettings):
     )
     scorer_concept_top: int = setting(10, help="image rewards averaged into a running concept reward (paper: top 10)", minimum=1, maximum=1000)
     scorer_publish_concept_rewards: bool = setting(True, help="publish ConceptRewardUpdated (running per-query rewards) as images are scored")
+    scorer_park_timeout_s: float = setting(
+        86400.0,
+        help="a decision parked because no model serves its exploration is dead-lettered as no_model_serving after this many seconds",
+        minimum=1.0,
+    )
+    scorer_park_sweep_s: float = setting(
+        30.0, help="seconds between looks at the parked decisions (scored once a model serves, dead-lettered once too old)", minimum=0.0
+    )
 
 
 class ScorerService(Service):
@@ -152,6 +162,8 @@ class ScorerService(Service):
         # image costs a set lookup, not another S3 object.
         self._persisted: OrderedDict[tuple[str, int, str], None] = OrderedDict()
         self._persisted_lock = threading.Lock()
+        # Monotonic time of the last sweep of the parked decisions (0: sweep at the first commit).
+        self._last_sweep = 0.0
 
     # ---- hooks -------------------------------------------------------------------------------
     def register(self, server: grpc.Server) -> list[str]:
@@ -173,6 +185,8 @@ class ScorerService(Service):
     def before_commit(self) -> None:
         # Raises DependencyUnavailable only; the consumer loop then retries before committing.
         self.flush_decisions()
+        if time.monotonic() - self._last_sweep >= self.settings.scorer_park_sweep_s:
+            self.sweep_parked()
 
     def on_stop(self) -> None:
         self.engine.close()
@@ -238,8 +252,10 @@ class ScorerService(Service):
 
     def flush_decisions(self, *, defer_unserved: bool = False) -> None:
         """Scores every buffered decision, grouped by exploration, one set of Triton requests per
-        group. Raises DependencyUnavailable (and keeps the buffer) when S3, Triton or Kafka is
-        away or, unless `defer_unserved`, when no model serves a buffered exploration yet."""
+        group. The decisions of an exploration no model serves yet are kept in the buffer when
+        `defer_unserved` (a model switch in the same batch may serve them), else parked durably in
+        S3 (`sweep_parked` and the next switch take them back). Raises DependencyUnavailable (and
+        keeps the buffer) when S3, Triton or Kafka is away."""
         if not self._pending:
             return
         groups: dict[str, list[tuple[events_pb2.ImageDecision, EventContext | None]]] = {}
@@ -262,9 +278,14 @@ class ScorerService(Service):
                 if defer_unserved:
                     deferred.extend(items)
                     continue
-                raise DependencyUnavailable(f"no model is serving for exploration {exploration_id} yet")
-            self._score_isolated(serving, items)
-            # Scored and published: a later failure of another group must not redo this one.
+                # Not an outage to wait for in the consumer loop (the ModelPublished that would end
+                # the wait may be behind this very batch, and a decision of an exploration no model
+                # will ever serve would stop scoring for good): parked in S3, scored when a model
+                # serves the exploration, dead-lettered as no_model_serving after the park timeout.
+                self._park_decisions(exploration_id, items)
+            else:
+                self._score_isolated(serving, items)
+            # Scored and published, or parked: a later failure of another group must not redo this one.
             done = {id(item) for item in items}
             self._pending = [item for item in self._pending if id(item) not in done]
         self._pending = deferred
@@ -423,6 +444,109 @@ class ScorerService(Service):
             extra={"exploration_id": event.exploration_id, "model": event.model.name, "version": event.model.version},
         )
 
+    # ---- decisions waiting for a model -----------------------------------------------------------
+    def _park_decisions(self, exploration_id: str, items: list[tuple[events_pb2.ImageDecision, EventContext | None]]) -> None:
+        """Writes the decisions to `scorer/parked-decisions/<id>/`: once the object is written, the
+        records may be committed (DependencyUnavailable when S3 is away: they stay buffered)."""
+        parked_at = time.time()
+        entries = [
+            records.ParkedDecision(
+                decision=decision,
+                topic=ctx.topic if ctx is not None else topics.DECISIONS.name,
+                partition=ctx.partition if ctx is not None else -1,
+                offset=ctx.offset if ctx is not None else -1,
+                key=ctx.key if ctx is not None else decision.exploration_id,
+            )
+            for decision, ctx in items
+        ]
+        key = records.parked_decisions_key(exploration_id, int(parked_at * 1000), secrets.token_hex(6))
+        self.store.put_json(self.settings.s3_bucket, key, records.parked_to_json(entries, parked_at))
+        self.scorer_metrics.decisions_parked.inc(len(entries))
+        log.info("decisions parked until a model serves their exploration", extra={"exploration_id": exploration_id, "decisions": len(entries), "key": key})
+
+    def _parked_keys(self) -> dict[str, list[tuple[int, str]]]:
+        """Parked objects by exploration: [(parked at ms, key)], oldest first."""
+        found: dict[str, list[tuple[int, str]]] = {}
+        for key in self.store.list_keys(self.settings.s3_bucket, records.PARKED_DECISIONS_PREFIX):
+            parsed = records.parse_parked_key(key)
+            if parsed is not None:
+                found.setdefault(parsed[0], []).append((parsed[1], key))
+        for keys in found.values():
+            keys.sort()
+        return found
+
+    def _read_parked(self, key: str) -> list[tuple[events_pb2.ImageDecision, EventContext | None]] | None:
+        value = self.store.get_json(self.settings.s3_bucket, key)
+        if value is None:
+            return None  # taken back by another replica meanwhile
+        try:
+            parked = records.parked_from_json(value)
+        except Exception:  # noqa: BLE001 - an object this code did not write: nothing to score in it
+            log.exception("unreadable parked decisions removed", extra={"key": key})
+            return []
+        return [
+            (item.decision, EventContext(topic=item.topic, partition=item.partition, offset=item.offset, key=item.key, headers={}, timestamp_ms=0))
+            for item in parked
+        ]
+
+    def _score_parked(self, exploration_id: str, serving: ServingModel, keys: list[tuple[int, str]] | None = None) -> int:
+        """Scores the decisions parked for `exploration_id` with `serving`, then removes them.
+        A crash in between scores them again: harmless, a reward is a pure function of its inputs."""
+        if keys is None:
+            prefix = f"{records.PARKED_DECISIONS_PREFIX}{exploration_id}/"
+            keys = sorted(
+                (parsed[1], key)
+                for key in self.store.list_keys(self.settings.s3_bucket, prefix)
+                if (parsed := records.parse_parked_key(key)) is not None and parsed[0] == exploration_id
+            )
+        scored = 0
+        for _, key in keys:
+            items = self._read_parked(key)
+            if items is None:
+                continue
+            if items:
+                self._score_isolated(serving, items)
+                scored += len(items)
+            self.store.delete(self.settings.s3_bucket, key)
+        if scored:
+            self.scorer_metrics.parked_decisions_scored.inc(scored)
+            log.info("parked decisions scored", extra={"exploration_id": exploration_id, "decisions": scored, "model_version": serving.version})
+        return scored
+
+    def sweep_parked(self, now: float | None = None) -> None:
+        """Scores the parked decisions of explorations a model now serves (a switch on another
+        replica, or a crash between a switch and its own sweep), and dead-letters as
+        `no_model_serving` those parked longer than `scorer_park_timeout_s`. An outage only
+        postpones the sweep: the batch being committed does not depend on it."""
+        self._last_sweep = time.monotonic()
+        now = time.time() if now is None else now
+        try:
+            parked = self._parked_keys()
+            waiting = 0
+            for exploration_id, keys in parked.items():
+                try:
+                    serving = self.engine.serving(exploration_id)
+                except DependencyUnavailable:
+                    raise
+                except Exception:  # noqa: BLE001 - as flush_decisions: never kill the consumer; the timeout still applies
+                    log.exception("serving state could not be restored", extra={"exploration_id": exploration_id})
+                    serving = None
+                if serving is not None:
+                    self._score_parked(exploration_id, serving, keys)
+                    continue
+                for parked_at_ms, key in keys:
+                    if now - parked_at_ms / 1000.0 < self.settings.scorer_park_timeout_s:
+                        waiting += 1
+                        continue
+                    items = self._read_parked(key) or []
+                    for item in items:
+                        self._dead_letter(item, "no_model_serving")
+                    self._publisher().flush()  # the dead letters are durable before the park is gone
+                    self.store.delete(self.settings.s3_bucket, key)
+            self.scorer_metrics.parked_batches.set(waiting)
+        except DependencyUnavailable as exc:
+            log.warning("parked decisions not swept, will retry", extra={"error": str(exc)[:300]})
+
     def _serve_and_announce(self, event: events_pb2.ModelPublished) -> ServeOutcome:
         exploration_id = event.exploration_id
         outcome = self.engine.serve(exploration_id, event.model.name, int(event.model.version), int(event.image_size))
@@ -437,6 +561,8 @@ class ScorerService(Service):
                 serving_since=since,
             )
             self._publisher().publish(topics.MODELS_SERVING, announcement, key=exploration_id)
+            # Decisions parked while nothing served this exploration are scored now.
+            self._score_parked(exploration_id, outcome.serving)
         elif outcome.status is ServeStatus.FAILED:
             failure = events_pb2.ModelLoadFailed(
                 exploration_id=exploration_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -21,6 +22,7 @@ from prometheus_client import REGISTRY
 from iex.v1 import common_pb2, events_pb2, scorer_pb2, scorer_pb2_grpc
 from services.common import topics
 from services.common.errors import DependencyUnavailable, PermanentError
+from services.common.kafka import EventContext
 from services.common.modelrepo import InferenceError, ModelLoadError, ModelNotReadyError, ServerUnavailableError
 from services.common.settings import load_service_settings
 from services.scorer import records
@@ -457,10 +459,75 @@ def test_exploration_validation():
 
 
 # ---- decisions -------------------------------------------------------------------------------
-def test_decision_without_serving_model_waits(ready):
+def parked_keys(store) -> list[str]:
+    return [k for b, k in store.objects if b == BUCKET and k.startswith(records.PARKED_DECISIONS_PREFIX)]
+
+
+def test_decision_without_serving_model_is_parked_and_scored_when_the_model_serves(ready):
+    service, store, _, targets = ready
+    image = png((1, 2, 3))
+    event = decision(image, store)
+    before = metric("iex_scorer_decisions_parked_total")
+    score(service, event)  # the commit goes through: the decision is parked, not retried forever
+    assert service.pending_decisions == 0
+    assert service.publisher.of(topics.IMAGES_SCORED) == []
+    [key] = parked_keys(store)
+    assert key.startswith(f"{records.PARKED_DECISIONS_PREFIX}{EXPLORATION}/")
+    assert records.parked_from_json(store.get_json(BUCKET, key))[0].decision == event
+    assert metric("iex_scorer_decisions_parked_total") == before + 1
+
+    service.handle_model_published(model_published(1))  # the model loads late: nothing is lost
+    [scored] = service.publisher.of(topics.IMAGES_SCORED)
+    assert scored.model.version == 1 and scored.object_key == event.object_key
+    assert scored.reward == pytest.approx(reference_reward(1, image, targets), abs=1e-5)
+    assert parked_keys(store) == []
+    assert service.publisher.of(topics.DECISIONS.dead_letter) == []
+
+
+def test_parked_decisions_are_scored_by_the_sweep_when_another_replica_switched(ready):
+    service, store, _, targets = ready
+    image = png((40, 50, 60))
+    score(service, decision(image, store))
+    assert len(parked_keys(store)) == 1
+    # Another replica (or this one, before a crash) switched to v1 without taking the park back.
+    other, _, _ = make_service(store=store, encoder=service.encoder)
+    other.engine.serve(EXPLORATION, MODEL, 1, IMAGE_SIZE)
+    service.sweep_parked()
+    [scored] = service.publisher.of(topics.IMAGES_SCORED)
+    assert scored.model.version == 1
+    assert scored.reward == pytest.approx(reference_reward(1, image, targets), abs=1e-5)
+    assert parked_keys(store) == []
+
+
+def test_decisions_no_model_ever_serves_are_dead_lettered_after_the_park_timeout(ready):
     service, store, _, _ = ready
+    hostile = decision(png((9, 9, 9)), store)
+    hostile.exploration_id = "never-gets-a-model"
+    service.handle_decision(hostile, EventContext(topic=topics.DECISIONS.name, partition=3, offset=42, key="k", headers={}, timestamp_ms=0))
+    service.before_commit()
+    assert len(parked_keys(store)) == 1
+    timeout = service.settings.scorer_park_timeout_s
+    service.sweep_parked(now=time.time() + timeout / 2)  # still within the timeout: kept
+    assert len(parked_keys(store)) == 1 and service.publisher.of(topics.DECISIONS.dead_letter) == []
+    service.sweep_parked(now=time.time() + timeout + 1)
+    [letter] = service.publisher.of(topics.DECISIONS.dead_letter)
+    assert letter.reason == "no_model_serving"
+    assert (letter.partition, letter.offset) == (3, 42)
+    assert events_pb2.ImageDecision.FromString(letter.value) == hostile
+    assert parked_keys(store) == [] and service.publisher.of(topics.IMAGES_SCORED) == []
+
+
+def test_s3_away_while_parking_keeps_the_decision_for_the_retry(ready):
+    service, store, _, _ = ready
+    event = decision(png((7, 7, 7)), store)
+    service.handle_decision(event)
+    store.up = False
     with pytest.raises(DependencyUnavailable):
-        score(service, decision(png((1, 2, 3)), store))
+        service.before_commit()
+    assert service.pending_decisions == 1
+    store.up = True
+    service.before_commit()
+    assert service.pending_decisions == 0 and len(parked_keys(store)) == 1
 
 
 def test_restarted_scorer_restores_serving_state(ready):
