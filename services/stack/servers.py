@@ -19,6 +19,7 @@ import io
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -159,9 +160,11 @@ def search_corpus_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def ensure_default_corpus(environ: Mapping[str, str] | None = None) -> Path:
-    """Generates the small synthetic offline web when no corpus is configured and none exists yet."""
+    """Generates the small synthetic offline web when the corpus is the default one (unset, or set
+    to the default location, as `stack_env()` does) and it does not exist yet."""
     path = search_corpus_dir(environ)
-    if not (path / "corpus.jsonl").exists() and not _env(environ).get("IEX_SEARCH_CORPUS_DIR"):
+    default = state_dir() / "corpus" / "synthetic"
+    if not (path / "corpus.jsonl").exists() and path.absolute() == default.absolute():
         from services.search import synthetic
 
         synthetic.make_corpus(path, per_concept=8)
@@ -466,12 +469,27 @@ def _weed_socket_flags() -> list[str]:
     return [f"-filer.localSocket={sockets / 'filer.sock'}", f"-s3.localSocket={sockets / 's3.sock'}"]
 
 
+def _write_weed_options() -> Path:
+    """weed's `-options` file (mode 0600): flags that must not be in the process arguments, which
+    every local user can read with `ps`. The admin server (`weed mini` always starts one) gets its
+    own random password, generated once per state directory; the S3 keys are only in the
+    identities file."""
+    path = state_dir() / "s3" / "weed.options"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        return path
+    tmp = path.with_suffix(".tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+        out.write(f"admin.password={secrets.token_urlsafe(24)}\n")
+    os.replace(tmp, path)
+    return path
+
+
 def s3_process(environ: Mapping[str, str] | None = None) -> ManagedProcess:
     """SeaweedFS `weed mini` with S3 on 127.0.0.1:18333; requests must be signed with the IEX_S3_* keys."""
     data = state_dir() / "data" / "s3"
     data.mkdir(parents=True, exist_ok=True)
     identities = _write_s3_identities(environ)
-    _, secret_key = s3_credentials(environ)
     argv = [
         str(weed_binary()),
         "mini",
@@ -488,8 +506,9 @@ def s3_process(environ: Mapping[str, str] | None = None) -> ManagedProcess:
         "-s3.port.lance=0",
         "-webdav=false",
         "-admin.ui=false",
-        # The admin server starts even without its UI; loopback only, and still behind a password.
-        f"-admin.password={secret_key}",
+        # The admin server starts even without its UI: loopback only, behind its own random
+        # password, which is read from the options file so that it is not in the arguments.
+        f"-options={_write_weed_options()}",
         *(f"-{flag}={port}" for flag, port in S3_INTERNAL_PORTS.items()),
         *_weed_socket_flags(),
     ]

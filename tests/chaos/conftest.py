@@ -59,9 +59,6 @@ def chaos_stack(request):
             "IEX_S3_SECRET_KEY": s3_secret,
         }
     )
-    # The generated offline web; Stack only makes it when IEX_SEARCH_CORPUS_DIR is unset, which
-    # stack_env() below sets for the services.
-    servers.ensure_default_corpus()
     ca = DevCA(state / "pki")
     server_cert = ca.server("iex-services")
     operator = ca.client("operator")
