@@ -35,6 +35,8 @@ CHART_MANAGED_COMMON = frozenset(
         "IEX_MODEL_REPOSITORY",
     }
 )
+# Set from tls.* on every service (templates/_helpers.tpl iex.tlsEnv).
+TLS_MANAGED = frozenset({"IEX_TLS_CERT", "IEX_TLS_KEY", "IEX_TLS_CA", "IEX_TLS_REQUIRE_CLIENT_CERT"})
 # Set from auth.* on the services whose RPCs need credentials (templates/_helpers.tpl iex.authServices).
 AUTH_MANAGED = frozenset({"IEX_AUTH_REQUIRED", "IEX_AUTH_TOKENS_FILE"})
 CHART_MANAGED: dict[str, frozenset[str]] = {
@@ -69,7 +71,7 @@ def settings_fields(service: str) -> dict[str, dataclasses.Field]:
 
 def user_settings(service: str) -> dict[str, dict[str, Any]]:
     """Schema properties of the variables a user may set in <service>.settings."""
-    managed = CHART_MANAGED_COMMON | CHART_MANAGED[service]
+    managed = CHART_MANAGED_COMMON | TLS_MANAGED | CHART_MANAGED[service]
     properties = {}
     for var, f in sorted(settings_fields(service).items()):
         if var in managed or f.metadata.get("secret"):
@@ -239,6 +241,14 @@ def build() -> dict[str, Any]:
                         "secretKey": string("key of the tokens in that Secret", pattern=r"^[-._a-zA-Z0-9]+$"),
                     },
                     ["required", "secretKey"],
+                ),
+                "tls": obj(
+                    {
+                        "enabled": boolean("gRPC of every service over TLS only (probes and helm test included)"),
+                        "existingSecret": string("kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) naming every service; empty: the chart makes a CA and one"),
+                        "requireClientCert": boolean("mTLS: callers must present a certificate signed by the CA"),
+                    },
+                    ["enabled", "requireClientCert"],
                 ),
                 "podSecurityContext": free_object("PodSecurityContext of every pod"),
                 "containerSecurityContext": free_object("SecurityContext of every container"),

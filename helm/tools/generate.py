@@ -38,7 +38,7 @@ PROFILES: dict[str, tuple[str, ...]] = {
 # S3 keys and API tokens from Secrets the user creates (the chart never writes keys into a file).
 RELEASE = "iex"
 NAMESPACE = "internet-explorer"
-RENDER_SETS = ("s3.existingSecret=iex-s3", "auth.existingSecret=iex-auth", "fullnameOverride=iex")
+RENDER_SETS = ("s3.existingSecret=iex-s3", "auth.existingSecret=iex-auth", "tls.existingSecret=iex-tls", "fullnameOverride=iex")
 
 
 def helm_binary() -> str:
@@ -66,6 +66,8 @@ def render_profile(profile: str, helm: str | None = None, extra_sets: tuple[str,
         f"# Release {RELEASE!r} in namespace {NAMESPACE!r}; create the S3 credentials first (docs/deploy.md):\n"
         f"#   kubectl -n {NAMESPACE} create secret generic iex-s3 --from-literal=access-key=... --from-literal=secret-key=...\n"
         f"#   kubectl -n {NAMESPACE} create secret generic iex-auth --from-literal=tokens=admin:$(openssl rand -hex 24)\n"
+        f"#   kubectl -n {NAMESPACE} create secret generic iex-tls --type=kubernetes.io/tls \\\n"
+        f"#     --from-file=tls.crt=... --from-file=tls.key=... --from-file=ca.crt=...   # names iex-<service> of every service (or cert-manager)\n"
     )
     return header + out.stdout
 

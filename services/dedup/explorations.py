@@ -14,11 +14,12 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import grpc
 
 from iex.v1 import planner_pb2, planner_pb2_grpc
+from services.common import security
 from services.common.errors import DependencyUnavailable, PermanentError
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,23 @@ class PlannerLookup(Protocol):
 
 
 class PlannerExplorationLookup:
-    """Asks the planner's GetExploration; an unreachable planner is a dependency outage."""
+    """Asks the planner's GetExploration; an unreachable planner is a dependency outage.
 
-    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+    The channel is `security.client_channel` with `client` (the service's own settings): TLS when
+    IEX_TLS_CA is set, this service's certificate as the client certificate under mTLS, and its
+    IEX_AUTH_TOKEN, if any, with every call."""
+
+    def __init__(self, address: str, timeout_s: float = 5.0, client: Any | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.client = client
         self._channel: grpc.Channel | None = None
         self._lock = threading.Lock()
 
     def _stub(self) -> planner_pb2_grpc.PlannerServiceStub:
         with self._lock:
             if self._channel is None:
-                self._channel = grpc.insecure_channel(self.address)
+                self._channel = security.client_channel(self.address, self.client)
             return planner_pb2_grpc.PlannerServiceStub(self._channel)
 
     def __call__(self, exploration_id: str) -> str | None:

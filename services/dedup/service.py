@@ -54,7 +54,7 @@ class DedupService(Service):
             self.store = store
         bucket = settings.s3_bucket
         if planner_lookup is None and settings.planner_address:
-            planner_lookup = PlannerExplorationLookup(settings.planner_address)
+            planner_lookup = PlannerExplorationLookup(settings.planner_address, client=settings)
         self.planner_lookup = planner_lookup
         self.directory = ExplorationDirectory(self.store, bucket, planner_lookup)
 

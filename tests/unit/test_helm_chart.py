@@ -7,6 +7,7 @@ PyPI; a missing tool fails these tests (it is installed by `make setup`), it nev
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -168,7 +169,8 @@ def test_schema_settings_follow_the_settings_classes():
         allowed = set(schema["properties"][service]["properties"]["settings"]["properties"])
         declared = set(chart_schema.settings_fields(service))
         assert allowed <= declared
-        assert allowed == {v for v in declared if v not in chart_schema.CHART_MANAGED_COMMON | chart_schema.CHART_MANAGED[service]} - {
+        managed = chart_schema.CHART_MANAGED_COMMON | chart_schema.TLS_MANAGED | chart_schema.CHART_MANAGED[service]
+        assert allowed == {v for v in declared if v not in managed} - {
             v for v, f in chart_schema.settings_fields(service).items() if f.metadata.get("secret")
         }
 
@@ -285,7 +287,7 @@ def test_service_endpoints_point_at_the_chart_services(rendered):
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))
-def test_named_grpc_ports_and_native_grpc_probes(rendered, profile):
+def test_named_grpc_ports_and_health_probes_over_tls(rendered, profile):
     docs = rendered[profile]
     services = {component_of(s): s for s in by_kind(docs, "Service").values()}
     for service, deployment in service_deployments(docs).items():
@@ -293,10 +295,55 @@ def test_named_grpc_ports_and_native_grpc_probes(rendered, profile):
         assert ports["grpc"]["appProtocol"] == "grpc" and "metrics" in ports
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-        # Readiness asks grpc.health.v1 (which reflects the dependencies); liveness must not.
-        assert container["readinessProbe"]["grpc"]["port"] == grpc_port
-        assert "grpc" not in container["livenessProbe"]
+        # Readiness asks grpc.health.v1 (which reflects the dependencies); liveness must not. Under
+        # TLS (the default) the kubelet's plaintext gRPC probe cannot: the image's client asks,
+        # expecting the certificate's name of the service.
+        command = container["readinessProbe"]["exec"]["command"]
+        assert command[:4] == ["python", "-m", "services.common.healthcheck", f"127.0.0.1:{grpc_port}"]
+        assert command[command.index("--server-name") + 1] == services[service]["metadata"]["name"]
+        assert "grpc" not in container["livenessProbe"] and "exec" not in container["livenessProbe"]
         assert "startupProbe" in container
+
+
+def test_native_grpc_probes_without_tls(helm):
+    docs = documents(template(helm, "--set", "tls.enabled=false").stdout)
+    for service, deployment in service_deployments(docs).items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        assert container["readinessProbe"]["grpc"]["port"] == grpc_port, service
+        assert not any(name.startswith("IEX_TLS_") for name in env_of(container)), service
+    assert not [s for s in by_kind(docs, "Secret").values() if s["type"] == "kubernetes.io/tls"]
+
+
+def test_grpc_is_tls_by_default_with_a_mounted_certificate_naming_every_service(rendered, helm):
+    from cryptography import x509
+
+    for profile, docs in rendered.items():
+        secret = by_kind(docs, "Secret")["iex-internet-explorer-tls"]
+        assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+        cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+        ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+        cert.verify_directly_issued_by(ca)
+        names = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+        services = {component_of(s): s["metadata"]["name"] for s in by_kind(docs, "Service").values()}
+        for service, deployment in service_deployments(docs).items():
+            assert {services[service], f"{services[service]}.iex-test.svc"} <= names, (profile, service)
+            spec = deployment["spec"]["template"]["spec"]
+            env = env_of(spec["containers"][0])
+            mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls")
+            assert mount["readOnly"]
+            for var in ("IEX_TLS_CERT", "IEX_TLS_KEY", "IEX_TLS_CA"):
+                assert Path(env[var]["value"]).parent == Path(mount["mountPath"]), (profile, service, var)
+            assert env["IEX_TLS_REQUIRE_CLIENT_CERT"]["value"] == "false"
+            volume = next(v for v in spec["volumes"] if v["name"] == "tls")
+            assert volume["secret"]["secretName"] == "iex-internet-explorer-tls"
+    # mTLS on request, and a Secret of the user's (cert-manager) instead of the generated one.
+    docs = documents(template(helm, "--set", "tls.requireClientCert=true", "--set", "tls.existingSecret=mine").stdout)
+    assert not [s for s in by_kind(docs, "Secret").values() if s["type"] == "kubernetes.io/tls"]
+    for service, deployment in service_deployments(docs).items():
+        spec = deployment["spec"]["template"]["spec"]
+        assert env_of(spec["containers"][0])["IEX_TLS_REQUIRE_CLIENT_CERT"]["value"] == "true"
+        assert next(v for v in spec["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "mine"
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))
@@ -493,6 +540,12 @@ def test_helm_test_pod_calls_the_planner_health(helm):
     script = pod["spec"]["containers"][0]["args"][0]
     assert "HealthStub" in script and "iex-internet-explorer-planner:50051" in script
     compile(script, "helm-test", "exec")  # the script the pod runs is valid Python
+    # TLS by default: the pod dials with IEX_TLS_* (security.client_channel) and has the CA mounted.
+    assert "security.client_channel(address)" in script and "insecure_channel" not in script
+    container = pod["spec"]["containers"][0]
+    ca = env_of(container)["IEX_TLS_CA"]["value"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+    assert Path(ca).parent == Path(mount["mountPath"])
 
 
 def render_notes(helm: str, tmp_path: Path) -> str:
@@ -512,7 +565,9 @@ def render_notes(helm: str, tmp_path: Path) -> str:
 
 def test_notes_tell_how_to_call_the_planner_and_open_grafana(helm, tmp_path):
     notes = render_notes(helm, tmp_path)
-    assert "grpcurl -plaintext localhost:50051 list" in notes
+    # gRPC is TLS by default: grpcurl trusts the chart's CA and names the planner as its certificate does.
+    assert "grpcurl -cacert ca.crt -servername iex-internet-explorer-planner localhost:50051 list" in notes
+    assert "secret iex-internet-explorer-tls" in notes and "-plaintext" not in notes
     assert "port-forward svc/iex-internet-explorer-planner 50051:50051" in notes
     assert "iex.v1.PlannerService/CreateExploration" in notes
     assert '-H "authorization: Bearer $IEX_AUTH_TOKEN"' in notes, "auth.required is on by default"

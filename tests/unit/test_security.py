@@ -348,3 +348,43 @@ def test_an_unusable_object_key_is_a_permanent_error_not_an_outage(key):
     assert isinstance(info.value, PermanentError) and isinstance(info.value, ValueError)
     assert info.value.reason == "invalid_s3_request"
     assert time.monotonic() - started < 1.0  # refused at once: no retries, no network
+
+
+def test_dedup_asks_the_planner_over_mtls_with_its_own_settings(serve, pki):
+    """Dedup's lookup of an unknown exploration goes through security.client_channel: against an
+    mTLS planner it needs dedup's TLS settings (its certificate as the client certificate)."""
+    from services.common.errors import DependencyUnavailable
+    from services.dedup.explorations import PlannerExplorationLookup
+
+    server = serve(tls_settings(pki, tls_require_client_cert=True))
+    dedup = settings(tls_ca=str(pki["ca"].ca_path), tls_cert=str(pki["server"].cert), tls_key=str(pki["server"].key))
+    lookup = PlannerExplorationLookup(server.address, timeout_s=5, client=dedup)
+    try:
+        assert lookup("exp-1") == ""  # answered (the recording planner's explorations have no target)
+    finally:
+        lookup.close()
+    assert server.planner.calls == ["GetExploration"]
+    plaintext = PlannerExplorationLookup(server.address, timeout_s=2, client=settings())
+    try:
+        with pytest.raises(DependencyUnavailable):
+            plaintext("exp-1")
+    finally:
+        plaintext.close()
+    assert server.planner.calls == ["GetExploration"]
+
+
+def test_the_chart_readiness_probe_asks_health_over_tls(serve, pki, monkeypatch, capsys):
+    """`python -m services.common.healthcheck`: the Helm chart's readiness probe under TLS (the
+    kubelet's own gRPC probe is plaintext only), with the process's IEX_TLS_* settings."""
+    from services.common import healthcheck
+
+    server = serve(tls_settings(pki, tls_require_client_cert=True))
+    for var in ("IEX_TLS_CA", "IEX_TLS_CERT", "IEX_TLS_KEY", "IEX_TLS_SERVER_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert healthcheck.main([server.address]) == 2  # plaintext against a TLS port: cannot ask
+    monkeypatch.setenv("IEX_TLS_CA", str(pki["ca"].ca_path))
+    monkeypatch.setenv("IEX_TLS_CERT", str(pki["server"].cert))
+    monkeypatch.setenv("IEX_TLS_KEY", str(pki["server"].key))
+    assert healthcheck.main([server.address, "--server-name", "planner"]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    assert healthcheck.main([server.address, "--server-name", "scorer"]) == 2  # not the certificate's name

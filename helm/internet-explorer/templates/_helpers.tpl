@@ -83,6 +83,27 @@ app.kubernetes.io/part-of: internet-explorer
 {{- default (printf "%s-auth" (include "iex.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "iex.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "iex.fullname" .)) .Values.tls.existingSecret -}}
+{{- end -}}
+
+{{/* Where the TLS Secret is mounted in every service pod. */}}
+{{- define "iex.tlsDir" -}}/var/run/iex/tls{{- end -}}
+
+{{/* IEX_TLS_* of every service (services.common.security): files, so rotation needs no restart. */}}
+{{- define "iex.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: IEX_TLS_CERT
+  value: {{ include "iex.tlsDir" . }}/tls.crt
+- name: IEX_TLS_KEY
+  value: {{ include "iex.tlsDir" . }}/tls.key
+- name: IEX_TLS_CA
+  value: {{ include "iex.tlsDir" . }}/ca.crt
+- name: IEX_TLS_REQUIRE_CLIENT_CERT
+  value: {{ .Values.tls.requireClientCert | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* Services with RPCs that need credentials under IEX_AUTH_REQUIRED (services.common.security). */}}
 {{- define "iex.authServices" -}}
 {{- toJson (list "planner" "crawler") -}}
