@@ -253,7 +253,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iex", description="Internet Explorer: targeted representation learning on the open web")
-    parser.add_argument("--planner", default=None, help="planner address host:port (default $IEX_PLANNER_ADDR or 127.0.0.1:50051)")
+    parser.add_argument("--planner", default=None, help="planner address host:port (default $IEX_PLANNER_ADDR or the local stack's planner, 127.0.0.1:15051)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="group", required=True)
 

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 LOOPBACK = "127.0.0.1"
 
 # Shifts every port of the table, so that several local stacks (a developer's, a test run's) can
-# share one machine: IEX_PORT_OFFSET=1000 puts the planner on 51051, Kafka on 20092, and so on.
+# share one machine: IEX_PORT_OFFSET=1000 puts the planner on 16051, Kafka on 20092, and so on.
+#
+# Every port stays below 32768 for offsets up to 9,000: Linux hands out outgoing connections'
+# local ports from 32768-60999 (ip_local_port_range), and a listener there (gRPC's usual 50051)
+# fails to bind now and then, when a client connection of another process happens to hold that
+# port. Containers keep the conventional 50051 (the chart sets IEX_GRPC_PORT).
 PORT_OFFSET = int(os.environ.get("IEX_PORT_OFFSET", "0") or 0)
+LINUX_EPHEMERAL_PORTS = range(32768, 61000)  # the kernel's default ip_local_port_range
 
 
 def port(base: int) -> int:
@@ -28,12 +34,12 @@ class ServicePorts:
 
 
 SERVICE_PORTS: dict[str, ServicePorts] = {
-    "planner": ServicePorts(grpc=port(50051), metrics=port(9101)),
-    "crawler": ServicePorts(grpc=port(50052), metrics=port(9102)),
-    "dedup": ServicePorts(grpc=port(50053), metrics=port(9103)),
-    "scorer": ServicePorts(grpc=port(50054), metrics=port(9104)),
-    "trainer": ServicePorts(grpc=port(50055), metrics=port(9105)),
-    "search": ServicePorts(grpc=port(50056), metrics=port(9106), http=port(18086)),
+    "planner": ServicePorts(grpc=port(15051), metrics=port(9101)),
+    "crawler": ServicePorts(grpc=port(15052), metrics=port(9102)),
+    "dedup": ServicePorts(grpc=port(15053), metrics=port(9103)),
+    "scorer": ServicePorts(grpc=port(15054), metrics=port(9104)),
+    "trainer": ServicePorts(grpc=port(15055), metrics=port(9105)),
+    "search": ServicePorts(grpc=port(15056), metrics=port(9106), http=port(18086)),
 }
 
 # Infrastructure servers of the local stack.
@@ -48,3 +54,4 @@ DEFAULT_KAFKA_BOOTSTRAP = f"{LOOPBACK}:{KAFKA_PORT}"
 DEFAULT_S3_ENDPOINT = f"{LOOPBACK}:{S3_PORT}"
 DEFAULT_TRITON_GRPC = f"{LOOPBACK}:{TRITON_GRPC_PORT}"
 DEFAULT_PROMETHEUS_URL = f"http://{LOOPBACK}:{PROMETHEUS_PORT}"
+

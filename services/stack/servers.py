@@ -60,10 +60,10 @@ S3_INTERNAL_PORTS: dict[str, int] = {
     "filer.port": endpoints.port(18344),
     "filer.port.grpc": endpoints.port(18345),
     "s3.port.grpc": endpoints.port(18346),
-    "admin.port": endpoints.port(18347),
+    "admin.port": endpoints.port(8347),
     # weed's embedded maintenance worker dials the admin server at admin.port + 10000 whatever
-    # admin.port.grpc says, so the gRPC port keeps that offset.
-    "admin.port.grpc": endpoints.port(28347),
+    # admin.port.grpc says, so the gRPC port keeps that offset (and stays below the ephemeral range).
+    "admin.port.grpc": endpoints.port(18347),
 }
 
 # Variables that point the services at a server; a value other than the local default means

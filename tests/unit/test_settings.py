@@ -40,3 +40,22 @@ def test_every_problem_is_reported_at_once():
 def test_secrets_are_redacted():
     s = settings.load_service_settings(ServiceSettings, "planner", environ={"IEX_S3_SECRET_KEY": "hunter2-secret"})
     assert "hunter2-secret" not in str(settings.redacted(s))
+
+
+def test_local_ports_stay_below_the_kernels_ephemeral_range_for_every_offset_the_suites_use():
+    """A listener inside 32768-60999 fails to bind whenever some client connection holds that port."""
+    import subprocess
+    import sys
+
+    from services.common import endpoints
+
+    for offset in (0, 1000, 2000, 3000, 4000, 8000, 9000):
+        listed = subprocess.run(
+            [sys.executable, "-c", "from services.stack import servers as s; print(*[p for n in s.ALL_NAMES for p in s.ports(n)])"],
+            env={**__import__("os").environ, "IEX_PORT_OFFSET": str(offset)},
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        ports = [int(p) for p in listed]
+        assert len(ports) >= 16 and len(set(ports)) == len(ports), (offset, ports)
+        inside = [p for p in ports if p in endpoints.LINUX_EPHEMERAL_PORTS]
+        assert not inside, f"IEX_PORT_OFFSET={offset}: {inside} inside the ephemeral range"
