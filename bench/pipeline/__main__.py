@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IEX_STATE_DIR"] = str(state)
     os.environ["IEX_SEARCH_CORPUS_DIR"] = str(data_dir)
     # Every query searches again in both phases (the crawler's search cache would answer the second).
-    env = {**servers.stack_env(), "IEX_TRAINER_MAX_STEPS": "5", "IEX_CRAWLER_SEARCH_CACHE_ENTRIES": "0", "IEX_CRAWLER_SEARCH_CACHE_SHARED": "false"}
+    env = {**servers.stack_env(), "IEX_TRAINER_MAX_STEPS": "1", "IEX_TRAINER_BATCH_SIZE": "16", "IEX_CRAWLER_SEARCH_CACHE_ENTRIES": "0", "IEX_CRAWLER_SEARCH_CACHE_SHARED": "false"}
     stack = servers.Stack(servers=("s3", "kafka", "triton"), services=servers.SERVICE_NAMES, service_env=env, echo=print)
     stop_on_sigterm()
     load = LoadSampler()
