@@ -34,7 +34,7 @@ from services.common.service import Service
 from services.common.settings import ServiceSettings, setting
 from services.planner import descriptors as descriptor_sources
 from services.planner import distributions, planning
-from services.planner.state import ACCEPTED, TERMINAL, ExplorationRecord, IterationState, QueryState, decision_id, sum_counts
+from services.planner.state import ACCEPTED, TERMINAL, ExplorationRecord, IterationState, QueryState, candidate_digest, decision_id, sum_counts
 from services.planner.validation import InvalidField, SpecDefaults, check_exploration_id, normalise_spec
 from services.planner.vocabulary import CUSTOM, WORDNET, EmbeddingCache, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
 
@@ -653,12 +653,16 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         it.collected_at = time.time()
         self.m_iteration_seconds.observe(time.time() - it.started_at)
 
-        # Candidates: images this iteration stored as new objects; replay: the best share of them.
+        # Candidates: the objects this iteration's images map to that are new to this exploration
+        # (stored by it, or stored earlier by another exploration: dedup is shared, training sets
+        # are not); replay: the best share of them.
+        used = set(record.candidate_digests)
         best: dict[str, float] = {}
         for query in it.queries.values():
             for did, key in query.accepted_objects.items():
-                if query.decisions.get(did) == common_pb2.DECISION_KIND_UNIQUE and did in query.rewards:
+                if did in query.rewards and candidate_digest(key) not in used:
                     best[key] = max(best.get(key, -2.0), query.rewards[did])
+        record.candidate_digests.extend(sorted(candidate_digest(key) for key in best))
         ranked = sorted(best, key=lambda k: (-best[k], k))
         replay = ranked[: int(round(len(ranked) * self.settings.planner_replay_fraction))]
         target_bucket, target_prefix = parse_s3_uri(spec.target_uri)

@@ -30,6 +30,11 @@ def decision_id(raw_sha256: str, url: str) -> str:
     return f"{raw_sha256[:32]}:{hashlib.sha1(url.encode()).hexdigest()[:12]}"
 
 
+def candidate_digest(object_key: str) -> str:
+    """A stored object, compactly, in the exploration's record of what its trainer has seen."""
+    return hashlib.sha256(object_key.encode()).hexdigest()[:16]
+
+
 @dataclass
 class QueryState:
     query_id: str
@@ -179,6 +184,10 @@ class ExplorationRecord:
     detail: str = ""
     vocabulary_digest: str = ""
     vocabulary_size: int = 0
+    # Digests (sha256(object key)[:16]) of every object already handed to the trainer as a candidate:
+    # an image another exploration stored first (a duplicate for dedup) is still new to this one,
+    # one this exploration already trained on is not. 17 bytes an image in the persisted record.
+    candidate_digests: list[str] = field(default_factory=list)
     # The initial encoder's evaluation (iteration 0): model name/version, knn_top1, linear_probe_top1, eval_images.
     initial_evaluation: dict[str, Any] | None = None
     # Bumped on every change; watchers wait on it.

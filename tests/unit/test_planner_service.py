@@ -17,6 +17,7 @@ from services.common import settings as settings_mod
 from services.common import topics
 from services.common.errors import DependencyUnavailable
 from services.planner.service import Explorations, PlannerService, PlannerSettings
+from services.planner.state import ExplorationRecord
 from services.planner.vocabulary import EMBEDDING_DIMENSION, EmbeddingCache
 
 CONCEPTS = [f"thing {i}" for i in range(60)]
@@ -293,6 +294,49 @@ def test_explorations_are_isolated(tmp_path):
     finish_iteration(service, 1, "a", reward_of=lambda c: 1.0)
     assert service.explorations.records["b"].observations == {}
     assert service.explorations.records["b"].iterations[1].phase == common_pb2.ITERATION_PHASE_COLLECTING
+
+
+def test_an_image_another_exploration_stored_first_is_still_a_training_candidate_once(tmp_path):
+    """Dedup is shared by every exploration; the trainer's candidates are per exploration."""
+    store, publisher = FakeStore(), FakePublisher()
+    service = make_service(store, publisher, tmp_path)
+    create(service, "a")
+    serve(service, 1, "a")
+    plan_until_done(service, "a")
+    record = service.explorations.records["a"]
+
+    def decide(iteration: int, query, kind, key: str, n: int) -> None:
+        sha, url = f"{n:064d}", f"http://x/{iteration}/{n}"
+        service.on_decision(events_pb2.ImageDecision(exploration_id="a", iteration=iteration, query_id=query.query_id, raw_sha256=sha, url=url, kind=kind, object_key=key), None)
+        service.on_image_scored(events_pb2.ImageScored(exploration_id="a", iteration=iteration, query_id=query.query_id, raw_sha256=sha, url=url, reward=0.5), None)
+
+    queries = list(record.iterations[1].queries.values())
+    for n, query in enumerate(queries):
+        service.on_query_crawled(events_pb2.QueryCrawled(query_id=query.query_id, exploration_id="a", iteration=1, images_fetched=3 if n < 3 else 1), None)
+    decide(1, queries[0], common_pb2.DECISION_KIND_UNIQUE, "images/new", 1)
+    decide(1, queries[1], common_pb2.DECISION_KIND_EXACT_DUPLICATE, "images/stored-by-b", 2)  # another exploration's object
+    decide(1, queries[2], common_pb2.DECISION_KIND_CONTAMINATES_TARGET, "", 3)
+    for i, query in enumerate(queries[3:], start=4):
+        decide(1, query, common_pb2.DECISION_KIND_NEAR_DUPLICATE, "images/new", i)  # the same picture again
+    for query in queries[:3]:
+        for i in range(2):
+            decide(1, query, common_pb2.DECISION_KIND_INVALID, "", 100 + 10 * queries.index(query) + i)
+    manifest = json.loads(store.objects[record.iterations[1].manifest_key])
+    assert manifest["candidates"] == ["images/new", "images/stored-by-b"]
+
+    serve(service, 2, "a")
+    plan_until_done(service, "a")
+    queries = list(record.iterations[2].queries.values())
+    for query in queries:
+        service.on_query_crawled(events_pb2.QueryCrawled(query_id=query.query_id, exploration_id="a", iteration=2, images_fetched=1), None)
+    decide(2, queries[0], common_pb2.DECISION_KIND_EXACT_DUPLICATE, "images/new", 201)  # trained on in iteration 1
+    decide(2, queries[1], common_pb2.DECISION_KIND_UNIQUE, "images/newer", 202)
+    for i, query in enumerate(queries[2:], start=203):
+        decide(2, query, common_pb2.DECISION_KIND_NEAR_DUPLICATE, "images/stored-by-b", i)
+    manifest = json.loads(store.objects[record.iterations[2].manifest_key])
+    assert manifest["candidates"] == ["images/newer"]
+    # The record of what the trainer has seen survives a restart.
+    assert ExplorationRecord.from_json(json.loads(json.dumps(record.to_json()))).candidate_digests == record.candidate_digests
 
 
 @pytest.mark.parametrize(
