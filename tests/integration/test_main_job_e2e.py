@@ -33,7 +33,9 @@ from services.common.objectstore import ObjectStore, content_key
 from services.dedup.hashing import pixel_sha256
 from services.search import synthetic
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Late in the session (pytest-order; the planner restart test is last): its images would otherwise be
+# counted by the vertical slice's whole-bucket assertions.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.order(-2)]
 
 BUCKET = "iex"
 EXPLORATION = "e2e-main-job"
