@@ -547,6 +547,12 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         self.publisher.flush()
         with self.explorations.lock:
             self._mark_published(record, it, spec)
+        # Durable at once: until "published" is in S3 a restart would send the same queries again
+        # (harmless downstream, the ids are the same, but the topic would carry them twice).
+        try:
+            self.explorations.persist_dirty()
+        except DependencyUnavailable as exc:  # the consumer's next commit persists it
+            log.warning("could not persist the published plan yet", extra={"exploration": record.exploration_id, "error": str(exc)[:200]})
 
     def _send_queries(self, record: ExplorationRecord, it: IterationState, spec: planner_pb2.ExplorationSpec) -> None:
         for query in it.queries.values():
