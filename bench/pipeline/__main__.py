@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "chaos"))
 
-from chaos_harness import decoded, group_lag, read_topics  # noqa: E402
+from chaos_harness import decoded, group_lag, group_members, read_topics  # noqa: E402
 
 from bench.exploration.__main__ import LoadSampler, planner_stub, stop_on_sigterm, warm_search_index  # noqa: E402
 from bench.load.__main__ import PROCESSES, Phase, Sampler, machine  # noqa: E402
@@ -59,18 +59,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 def group_cpu_s(pid: int) -> float:
     """user + system CPU seconds of a process group (the service and its children)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(entry) == pid or int(fields[2]) == pid:
-                total += int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / TICKS
+    return sum(int(fields[11]) + int(fields[12]) for _member, fields in group_members(pid)) / TICKS
 
 
 def cpu_snapshot(stack) -> dict[str, float]:

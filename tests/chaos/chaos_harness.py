@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -160,9 +160,8 @@ def rss_bytes(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-def group_rss(pid: int) -> int:
-    """Resident memory of a process and its children (Triton's python-backend stubs live apart)."""
-    total = 0
+def group_members(pid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, /proc/<pid>/stat fields after the command name) of `pid` and every process in its group."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -170,8 +169,18 @@ def group_rss(pid: int) -> int:
             with open(f"/proc/{entry}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
             if int(entry) == pid or int(fields[2]) == pid:  # fields[2] is the process group
-                total += rss_bytes(int(entry))[0]
+                yield int(entry), fields
         except (OSError, ValueError, IndexError):
+            continue
+
+
+def group_rss(pid: int) -> int:
+    """Resident memory of a process and its children (Triton's python-backend stubs live apart)."""
+    total = 0
+    for member, _fields in group_members(pid):
+        try:
+            total += rss_bytes(member)[0]
+        except (OSError, ValueError):
             continue
     return total
 
