@@ -190,16 +190,11 @@ def _stats(values: list[float]) -> dict[str, float | int | None]:
     }
 
 
-def iteration_numbers(it: IterationData) -> dict:
-    s = it.summary
-    c = s.counts
+def count_numbers(c: common_pb2.ImageCounts) -> dict:
+    """The planner's counts under the report's names (per iteration and in total)."""
     return {
-        "iteration": it.iteration,
-        "phase": common_pb2.IterationPhase.Name(s.phase).removeprefix("ITERATION_PHASE_").lower(),
         "queries_issued": c.queries_issued,
         "queries_crawled": c.queries_crawled,
-        "queries_incomplete": s.queries_incomplete,
-        "search_results": c.search_results,
         "fetched": c.images_fetched,
         "stored": c.images_unique,
         "duplicates": c.images_duplicate,
@@ -207,6 +202,18 @@ def iteration_numbers(it: IterationData) -> dict:
         "invalid": c.images_invalid,
         "refused": c.images_refused,
         "scored": c.images_scored,
+    }
+
+
+def iteration_numbers(it: IterationData) -> dict:
+    s = it.summary
+    c = s.counts
+    return {
+        "iteration": it.iteration,
+        "phase": common_pb2.IterationPhase.Name(s.phase).removeprefix("ITERATION_PHASE_").lower(),
+        **count_numbers(c),
+        "queries_incomplete": s.queries_incomplete,
+        "search_results": c.search_results,
         "decision_records": dict(sorted(it.decisions.items())),
         "relevant": it.relevant,
         "judged": it.judged,
@@ -423,15 +430,7 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
         "wall_seconds": _seconds(exploration.updated_at) - _seconds(exploration.created_at),
         "relevance_rule": relevance.rule if relevance else None,
         "totals": {
-            "queries_issued": c.queries_issued,
-            "queries_crawled": c.queries_crawled,
-            "fetched": c.images_fetched,
-            "stored": c.images_unique,
-            "duplicates": c.images_duplicate,
-            "contaminating": c.images_contaminating,
-            "invalid": c.images_invalid,
-            "refused": c.images_refused,
-            "scored": c.images_scored,
+            **count_numbers(c),
             "relevant": sum(it.relevant for it in iterations),
             "judged": judged,
             "yield": (sum(it.relevant for it in iterations) / judged) if judged else None,
