@@ -18,10 +18,19 @@ one of the target's roots. The roots of a branch (one rule for every branch, not
   trees); photos outside every root are listed as `uncovered` in target.json.
 
 Splits, stratified by stamp folder: in each folder the photos are ranked by a hash of (seed, the
-file's sha256) and the first round(eval_fraction * n) go to eval (a folder of one photo keeps it in
-train). A photo's split depends only on its own folder, never on the branch asked for, so the same
-photo lands in the same split in animals/birds and in animals; a file found twice in a branch is
-kept once.
+file's sha256) and the first round(eval_fraction * n) go to eval, the paper's test split (a folder
+of one photo keeps it in train). A photo's split depends only on its own folder, never on the branch
+asked for, so the same photo lands in the same split in animals/birds and in animals; a file found
+twice in a branch is kept once.
+
+Labels (the paper's evaluation protocol: a classifier fitted on the labelled train split, scored on
+the test split): in `folder` mode a photo's label is its folder below the branch; a label with fewer
+than MIN_CLASS_PHOTOS photos in either split is merged into its parent folder's label, up to the
+branch itself (its label is the branch's last name: "other photos of the branch"). Photos whose
+label still falls short are unlabelled: they stay (or return) in train, where self-supervised
+training uses them, and are never tested. The train split's labels are written to
+TRAIN_LABELS_FILE, which exploration and self-supervised training never read; the test split's
+labels are its folder names, eval/<label>/.
 """
 
 from __future__ import annotations
@@ -42,8 +51,13 @@ from services.offlineweb.tuxpaint import Stamp
 
 TARGETS_DIR = "targets"
 TARGET_FILE = "target.json"
-TARGET_ENTRIES = ("train", "eval", TARGET_FILE)  # what belongs to one target inside its folder
-DEFAULT_EVAL_FRACTION = 0.3
+# Labels of the train split, for evaluation only (never read by exploration or training).
+TRAIN_LABELS_FILE = "train_labels.json"
+TARGET_ENTRIES = ("train", "eval", TARGET_FILE, TRAIN_LABELS_FILE)  # what belongs to one target inside its folder
+# Half of each folder is held out: tiny targets need test images more than a few more train images.
+DEFAULT_EVAL_FRACTION = 0.5
+# A class is tested only with at least this many photos in each split.
+MIN_CLASS_PHOTOS = 3
 DEFAULT_SPLIT_SEED = "iex-offlineweb-split-v1"
 MIN_ROOT_DEPTH = 6
 MIN_FOLDER_PHOTOS = 2
@@ -234,12 +248,44 @@ def _outermost(roots: list[Root], mapper: SynsetMapper) -> list[Root]:
 
 
 def label_mode(photos: Sequence[Photo], branch: str, requested: str) -> str:
-    """'auto': leaf folders when the branch spans several folders, else the photos' concepts."""
+    """'auto' is 'folder': a folder of photos is a category a person chose; the photos' concepts
+    are nearly all singletons (26 photos of food/fruit, 26 concepts)."""
     if requested not in LABEL_MODES:
         raise ValueError(f"label_by: {requested!r} is not one of {', '.join(LABEL_MODES)}")
-    if requested != "auto":
-        return requested
-    return "folder" if len({p.folder for p in photos}) >= 2 else "concept"
+    return "folder" if requested == "auto" else requested
+
+
+def assign_labels(photos: Sequence[Photo], held_out: set[str], branch: str, mode: str, min_photos: int = MIN_CLASS_PHOTOS) -> dict[str, str]:
+    """Label of every photo path ("" for unlabelled) such that each label has at least
+    `min_photos` photos in each split: folder labels are merged upwards until they do (see the
+    module docstring); concept labels that fall short are dropped."""
+    if mode == "concept":
+        labels = {p.path: label_of(p, branch, "concept") for p in photos}
+        return {path: (label if _split_counts(labels, held_out, label, min_photos) else "") for path, label in labels.items()}
+    relative = {p.path: tuple(PurePosixPath(p.folder[len(branch) :].strip("/")).parts) for p in photos}
+    while True:
+        short = [g for g in set(relative.values()) if g and not _split_counts(relative, held_out, g, min_photos)]
+        if not short:
+            break
+        deepest = max(short, key=lambda g: (len(g), g))
+        for path, group in relative.items():
+            if group == deepest:
+                relative[path] = group[:-1]
+    root_ok = _split_counts(relative, held_out, (), min_photos)
+    out = {}
+    for path, group in relative.items():
+        if not group and not root_ok:
+            out[path] = ""
+            continue
+        text = "-".join(group) or PurePosixPath(branch).name
+        out[path] = _LABEL_UNSAFE.sub("_", text.lower()).strip("_") or "unlabelled"
+    return out
+
+
+def _split_counts(labels: Mapping[str, object], held_out: set[str], label: object, min_photos: int) -> bool:
+    members = [path for path, value in labels.items() if value == label]
+    test = sum(1 for path in members if path in held_out)
+    return test >= min_photos and len(members) - test >= min_photos
 
 
 def label_of(photo: Photo, branch: str, mode: str) -> str:
@@ -301,6 +347,11 @@ def write_target(
     relevant_synsets = catalog.relevant_synsets(roots)
     mode = label_mode(photos, branch, label_by)
     train, held_out = split(photos, eval_fraction, seed)
+    held_out_paths = {p.path for p in held_out}
+    labels_of = assign_labels(train + held_out, held_out_paths, branch, mode)
+    # A held-out photo that no class can test is worth more to training than to nobody.
+    train = sorted(train + [p for p in held_out if not labels_of[p.path]], key=lambda p: p.path)
+    held_out = [p for p in held_out if labels_of[p.path]]
     # Targets nest like their branches (targets/animals/ holds targets/animals/birds/), so only this
     # target's own train/, eval/ and target.json are replaced, never the folder.
     staging = out_dir.parent / f".{out_dir.name}.partial"
@@ -311,7 +362,7 @@ def write_target(
         for photo in chosen:
             data = image_bytes(photo)
             digest = hashlib.sha256(data).hexdigest()
-            label = label_of(photo, branch, mode)
+            label = labels_of[photo.path]
             file = f"train/{digest[:16]}.png" if split_name == "train" else f"eval/{label}/{digest[:16]}.png"
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             (staging / file).write_bytes(data)
@@ -329,6 +380,10 @@ def write_target(
                 }
             )
     labels = Counter(r["label"] for r in records if r["split"] == "eval")
+    train_labels = {r["file"]: r["label"] for r in records if r["split"] == "train" and r["label"]}
+    (staging / TRAIN_LABELS_FILE).write_text(
+        json.dumps({"format": 1, "branch": branch, "label_by": mode, "labels": dict(sorted(train_labels.items()))}, indent=1, sort_keys=True) + "\n"
+    )
     summary = {
         "format": 1,
         "branch": branch,
@@ -340,6 +395,8 @@ def write_target(
         "train": sum(1 for r in records if r["split"] == "train"),
         "eval": sum(1 for r in records if r["split"] == "eval"),
         "labels": dict(sorted(labels.items())),
+        "train_labels": dict(sorted(Counter(train_labels.values()).items())),
+        "min_class_photos": MIN_CLASS_PHOTOS,
         "label_by": mode,
         "split": {"eval_fraction": eval_fraction, "seed": seed, "rule": "per stamp folder: rank by sha256(seed, photo sha256), first round(fraction * n) held out"},
         "unmapped": sorted(r["source"] for r in records if not r["synset"]),

@@ -1,7 +1,13 @@
-"""Representation quality on the target's labelled split: embeddings, k-NN accuracy, linear probe.
+"""Representation quality on the target's labelled images: embeddings, k-NN accuracy, linear probe.
 
-Labels exist only for the evaluation split (they are never used for training), so both
-classifiers are fitted and tested within it:
+The paper's protocol (`score_splits`): the classifier is fitted on the target's labelled **train**
+split and scored on its **test** split (the `eval/` images, which are never trained on); the labels
+of the train split come from a file that self-supervised training never reads. k-NN uses the train
+features as its memory bank; the linear probe is fitted on the train features. Before/after
+comparisons are paired on the same test images (`paired_bootstrap`), and `measurability` says
+whether a split pair can show a change at all and how small a change it can show.
+
+A target with labels on its test split only falls back to estimates within that split:
 - k-NN is leave-one-out: each image is classified by its k nearest other images, votes weighted
   by exp(cosine / 0.07), the usual protocol of self-supervised papers (InstDisc, DINO);
 - the linear probe is a multinomial logistic regression on frozen, standardised features
@@ -11,6 +17,7 @@ classifiers are fitted and tested within it:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,6 +26,9 @@ import torch.nn.functional as F
 KNN_TEMPERATURE = 0.07
 PROBE_FOLDS = 5
 PROBE_L2 = 1e-3
+BOOTSTRAP_RESAMPLES = 10_000
+# A class needs this many images in each split to be learnt and tested.
+MIN_IMAGES_PER_CLASS = 3
 
 
 @torch.no_grad()
@@ -129,3 +139,157 @@ def linear_probe_top1(features: torch.Tensor, labels: torch.Tensor, folds: int =
         predicted = (((x[test] - mean) / std) @ weight.t() + bias).argmax(dim=1)
         correct += int((predicted == labels[test]).sum())
     return correct / n
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's protocol: fitted on the target's labelled train split, scored on its test split.
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int = 20, temperature: float = KNN_TEMPERATURE, classes: int = 0) -> torch.Tensor:
+    """Weighted k-NN labels of `queries` [M, D] against the memory bank `bank` [N, D] (both
+    L2-normalised) with integer `bank_labels` [N]; votes weighted by exp(cos / temperature)."""
+    if bank.shape[0] == 0:
+        raise ValueError("k-NN needs a non-empty memory bank")
+    if bank_labels.shape[0] != bank.shape[0]:
+        raise ValueError("bank and bank_labels differ in length")
+    k = max(1, min(k, bank.shape[0]))
+    classes = max(classes, int(bank_labels.max()) + 1)
+    similarity = queries @ bank.t()
+    top, index = similarity.topk(k, dim=1)
+    weights = torch.exp(top / temperature)
+    votes = torch.zeros(queries.shape[0], classes, dtype=weights.dtype).scatter_add_(1, bank_labels[index], weights)
+    return votes.argmax(dim=1)
+
+
+def probe_predict(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, l2: float = PROBE_L2, classes: int = 0) -> torch.Tensor:
+    """Labels of `test` from a linear probe (multinomial logistic regression on features
+    standardised with the train split's statistics) fitted on `train` / `train_labels`."""
+    if train.shape[0] < 2:
+        raise ValueError("a linear probe needs at least 2 training images")
+    classes = max(classes, int(train_labels.max()) + 1)
+    x, y = train.float(), test.float()
+    mean = x.mean(dim=0, keepdim=True)
+    std = x.std(dim=0, keepdim=True, unbiased=False).clamp_min(1e-6)
+    weight, bias = fit_linear_probe((x - mean) / std, train_labels, classes, l2)
+    return (((y - mean) / std) @ weight.t() + bias).argmax(dim=1)
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """Per test image: was it classified right (k-NN; linear probe, None when not run)."""
+
+    knn_correct: torch.Tensor  # bool [M]
+    probe_correct: torch.Tensor | None = None
+
+    @property
+    def knn_top1(self) -> float:
+        return float(self.knn_correct.float().mean()) if self.knn_correct.numel() else float("nan")
+
+    @property
+    def probe_top1(self) -> float:
+        if self.probe_correct is None or not self.probe_correct.numel():
+            return float("nan")
+        return float(self.probe_correct.float().mean())
+
+
+def score_splits(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    probe: bool = True,
+) -> SplitScores:
+    """k-NN (the train split's features are the memory bank) and linear probe (fitted on the
+    train split), both scored on the test split: the paper's protocol."""
+    classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
+    knn = knn_predict(train_features, train_labels, test_features, k=k, classes=classes) == test_labels
+    probed = probe_predict(train_features, train_labels, test_features, classes=classes) == test_labels if probe else None
+    return SplitScores(knn, probed)
+
+
+@dataclass(frozen=True)
+class Measurability:
+    measurable: bool
+    reason: str  # why not, or "" when measurable
+    classes: int  # classes present in both splits
+    test_images: int
+    # Smallest before/after difference whose paired 95% interval can exclude 0 on this test split
+    # (every changed image changing the same way); 1.0 or more: nothing can be shown.
+    detectable_difference: float
+
+
+def measurability(train_labels: Sequence[str], test_labels: Sequence[str], min_per_class: int = MIN_IMAGES_PER_CLASS) -> Measurability:
+    """Can accuracy on this split pair move at all, and by how little can a change be shown?
+    Needs at least two classes with `min_per_class` images in each split, and every test image's
+    class present in the train split (otherwise it can never be classified right)."""
+    train_counts: dict[str, int] = {}
+    for label in train_labels:
+        train_counts[label] = train_counts.get(label, 0) + 1
+    test_counts: dict[str, int] = {}
+    for label in test_labels:
+        test_counts[label] = test_counts.get(label, 0) + 1
+    both = [c for c in test_counts if train_counts.get(c, 0) >= min_per_class and test_counts[c] >= min_per_class]
+    n = len(test_labels)
+    detectable = detectable_difference(n) if n else float("inf")
+    if len(both) < 2:
+        reason = f"fewer than 2 classes with >= {min_per_class} images in both the train and the test split ({len(both)})"
+        return Measurability(False, reason, len(both), n, detectable)
+    orphans = sum(count for c, count in test_counts.items() if c not in train_counts)
+    if orphans:
+        return Measurability(False, f"{orphans} test images belong to classes absent from the train split", len(both), n, detectable)
+    if detectable >= 1.0:
+        return Measurability(False, f"{n} test images cannot show any difference at 95%", len(both), n, detectable)
+    return Measurability(True, "", len(both), n, detectable)
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "level": self.level}
+
+
+def paired_bootstrap(before: torch.Tensor, after: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of mean(after) - mean(before) over the same test images.
+
+    `before` and `after` are per-image scores (correct = 1) of shape [M] or [S, M] (S runs, e.g.
+    seeds, on the same M test images): images are resampled, the S runs are averaged, so the
+    interval covers both the test split's sampling and the runs' spread."""
+    a = after.float().reshape(-1, after.shape[-1]) if after.dim() > 1 else after.float().unsqueeze(0)
+    b = before.float().reshape(-1, before.shape[-1]) if before.dim() > 1 else before.float().unsqueeze(0)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError("before and after are not scored on the same test images")
+    if a.shape[-1] == 0:
+        raise ValueError("no test images")
+    per_image = (a.mean(dim=0) - b.mean(dim=0)).double()  # [M]
+    m = per_image.numel()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, m, (resamples, m), generator=generator)
+    stats = per_image[index].mean(dim=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = torch.quantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype)).tolist()
+    return Interval(float(per_image.mean()), float(low), float(high), level)
+
+
+def detectable_difference(test_images: int, level: float = 0.95) -> float:
+    """The smallest accuracy difference a paired bootstrap interval on `test_images` images can
+    separate from 0: c images changing from wrong to right (none the other way) give a difference
+    of c / n whose interval excludes 0 once a resample misses all c with probability below
+    (1 - level) / 2, i.e. (1 - c/n)^n < (1 - level) / 2."""
+    n = int(test_images)
+    if n <= 0:
+        return float("inf")
+    alpha = (1.0 - level) / 2.0
+    for changed in range(1, n + 1):
+        if (1.0 - changed / n) ** n < alpha:
+            return changed / n
+    return 1.0
