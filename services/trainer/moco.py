@@ -55,6 +55,20 @@ def learning_rate_at(progress: float, peak_lr: float, warmup_fraction: float) ->
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * decay))
 
 
+def exploration_learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
+    """The paper's schedule, over a whole exploration rather than one iteration: a linear warm-up
+    whose first step already trains (step 0 of `warmup_steps` runs at peak / warmup_steps), then a
+    constant `peak_lr`. `step` counts the exploration's steps so far, so an iteration continues the
+    schedule where the previous one stopped instead of warming up from 0 again."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if step >= warmup_steps:
+        return peak_lr
+    return peak_lr * (step + 1) / warmup_steps
+
+
 def scaled_learning_rate(base_lr: float, batch_size: int, world_size: int = 1) -> float:
     """The linear scaling rule of MoCo-v3: lr = base_lr * global batch / 256."""
     return base_lr * batch_size * world_size / 256.0

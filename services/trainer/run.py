@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--steps", type=int, default=0, help="cap on steps (0: epochs decide)")
     p.add_argument("--momentum", type=float, default=0.99)
+    p.add_argument("--schedule", default="cosine", choices=("exploration", "cosine"), help="cosine: MoCo-v3's within this run; exploration: warm-up then constant")
+    p.add_argument("--lr-warmup-steps", type=int, default=20, help="schedule=exploration: warm-up steps")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--early-stop-patience", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -171,6 +173,8 @@ def _run(args: argparse.Namespace, info: distributed.ProcessInfo, device: torch.
         max_steps=args.steps,
         temperature=args.temperature,
         base_momentum=args.momentum,
+        schedule=args.schedule,
+        warmup_steps=args.lr_warmup_steps,
         early_stop_patience=args.early_stop_patience,
         precision=precision,
         channels_last=_auto(args.channels_last, device),

@@ -71,11 +71,13 @@ class TrainerSettings(ServiceSettings):
     trainer_batch_size: int = setting(64, help="images per step over all ranks (two views each); paper: 224", minimum=2)
     trainer_base_lr: float = setting(0.0, help="learning rate per 256 images (scaled by batch / 256); 0 means MoCo-v3's for the optimiser (LARS 0.6, AdamW 1.5e-4)", minimum=0.0)
     trainer_weight_decay: float = setting(-1.0, help="weight decay; negative means MoCo-v3's for the optimiser (LARS 1e-6, AdamW 0.1)")
-    trainer_warmup_fraction: float = setting(0.1, help="share of each iteration's steps spent warming the learning rate up", minimum=0.0, maximum=0.9)
+    trainer_schedule: str = setting("exploration", help="exploration: the paper's (linear warm-up over the exploration's first IEX_TRAINER_WARMUP_STEPS steps, then constant learning rate and momentum, continued across iterations); cosine: MoCo-v3's warm-up + cosine within each iteration", choices=("exploration", "cosine"))
+    trainer_warmup_steps: int = setting(20, help="schedule=exploration: steps of linear warm-up at the start of an exploration (the first already trains)", minimum=0)
+    trainer_warmup_fraction: float = setting(0.1, help="schedule=cosine: share of each iteration's steps spent warming the learning rate up", minimum=0.0, maximum=0.9)
     trainer_epochs: int = setting(10, help="epochs over each iteration's training set (paper: 10)", minimum=1)
     trainer_max_steps: int = setting(0, help="cap on steps per iteration, for CPU runs; 0 means no cap", minimum=0)
     trainer_temperature: float = setting(0.2, help="InfoNCE temperature", minimum=0.01, maximum=10.0)
-    trainer_momentum: float = setting(0.99, help="base EMA momentum of the key encoder, raised to 1 along a cosine over each run (paper, from MoCo-v3 ImageNet weights: 0.9985)", minimum=0.0, maximum=1.0)
+    trainer_momentum: float = setting(0.99, help="EMA momentum of the key encoder: constant with schedule=exploration (paper, from MoCo-v3 ImageNet weights: 0.9985; 0.99 suits the few hundred steps of a CPU run), the start of a cosine to 1 with schedule=cosine", minimum=0.0, maximum=1.0)
     trainer_min_crop_scale: float = setting(0.2, help="RandomResizedCrop minimum area share", minimum=0.01, maximum=1.0)
     trainer_replay_ratio: float = setting(2.0, help="images drawn from replay buffer + target train per candidate image", minimum=0.0)
     trainer_early_stop_patience: int = setting(2, help="epochs without a lower SSL loss before a run stops; 0 disables", minimum=0)
@@ -121,6 +123,8 @@ class TrainerSettings(ServiceSettings):
             batch_size=self.trainer_batch_size,
             base_lr=self.trainer_base_lr or defaults["base_lr"],
             weight_decay=self.trainer_weight_decay if self.trainer_weight_decay >= 0 else defaults["weight_decay"],
+            schedule=self.trainer_schedule,
+            warmup_steps=self.trainer_warmup_steps,
             warmup_fraction=self.trainer_warmup_fraction,
             epochs=self.trainer_epochs,
             max_steps=self.trainer_max_steps,

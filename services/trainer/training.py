@@ -23,6 +23,10 @@ from services.trainer.encoder import EncoderState
 from services.trainer.loader import BatchLoader, Position
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# "exploration": the paper's (warm-up over the exploration's first steps, then constant lr and
+# momentum, carried across iterations); "cosine": MoCo-v3's schedule within one run (standalone
+# runs and benchmarks of one job).
+SCHEDULES = ("exploration", "cosine")
 
 
 class TrainingInterrupted(Exception):
@@ -35,6 +39,10 @@ class TrainConfig:
     batch_size: int = 64  # global: split over the ranks of a data-parallel run
     base_lr: float = 0.6  # per 256 images
     weight_decay: float = 1e-6
+    schedule: str = "exploration"
+    # "exploration": warm-up steps counted from the exploration's first step.
+    warmup_steps: int = 20
+    # "cosine": share of the run spent warming up.
     warmup_fraction: float = 0.1
     epochs: int = 10
     # 0: no cap. CPU runs cap the steps of an iteration; the schedules span the capped run.
@@ -57,6 +65,10 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -250,9 +262,7 @@ def train(
                 view1, view2 = augment(x, generator, offset=loader.offset, total=loader.global_batch)
                 view1 = view1.contiguous(memory_format=memory_format)
                 view2 = view2.contiguous(memory_format=memory_format)
-                fraction = progress.step / total
-                lr = moco.learning_rate_at(fraction, peak_lr, config.warmup_fraction)
-                momentum = moco.momentum_at(fraction, config.base_momentum)
+                lr, momentum = schedule_at(config, state.global_step, progress.step, total, peak_lr)
                 wants_stop = should_stop is not None and should_stop()
                 loss, stop = _step(state, view1, view2, lr, momentum, config.temperature, module, config.precision, wants_stop)
                 if not math.isfinite(loss):
@@ -291,6 +301,15 @@ def train(
         stopped_early=stopped_early,
         resumed_from_step=resumed_from,
     )
+
+
+def schedule_at(config: TrainConfig, exploration_step: int, run_step: int, run_total: int, peak_lr: float) -> tuple[float, float]:
+    """(learning rate, key-encoder momentum) of the next step. No step runs at lr 0: the warm-up's
+    first step is at peak / warmup, and the cosine is read at the middle of each step's interval."""
+    if config.schedule == "exploration":
+        return moco.exploration_learning_rate(exploration_step, peak_lr, config.warmup_steps), config.base_momentum
+    fraction = (run_step + 0.5) / run_total
+    return moco.learning_rate_at(fraction, peak_lr, config.warmup_fraction), moco.momentum_at(fraction, config.base_momentum)
 
 
 def run_steps(steps_per_epoch: int, config: TrainConfig) -> int:

@@ -12,7 +12,7 @@ import torch
 from services.trainer import evaluation, moco
 from services.trainer.encoder import CheckpointError, EncoderState, ModelConfig
 from services.trainer.loader import Position, TensorLoader
-from services.trainer.training import RunPlan, RunProgress, TrainConfig, plan_run, train, train_step
+from services.trainer.training import RunPlan, RunProgress, TrainConfig, plan_run, schedule_at, train, train_step
 
 TINY = ModelConfig(backbone="test_resnet", image_size=32, seed=3, mlp_dim=64, projection_dim=32)
 CPU = torch.device("cpu")
@@ -45,6 +45,25 @@ def test_momentum_schedule_is_a_pure_cosine_from_base_to_one():
     assert moco.momentum_at(2.0, 0.99) == moco.momentum_at(1.0, 0.99)
     with pytest.raises(ValueError):
         moco.momentum_at(0.5, 1.5)
+
+
+def test_exploration_schedule_warms_up_once_then_stays_constant():
+    # The first step of the warm-up already trains; later steps (later iterations) stay at the peak.
+    assert moco.exploration_learning_rate(0, 1.0, 4) == pytest.approx(0.25)
+    assert [moco.exploration_learning_rate(s, 1.0, 4) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert moco.exploration_learning_rate(0, 2.0, 0) == 2.0
+    with pytest.raises(ValueError):
+        moco.exploration_learning_rate(-1, 1.0, 4)
+
+
+def test_no_step_of_either_schedule_runs_at_learning_rate_zero():
+    for schedule in ("exploration", "cosine"):
+        config = TrainConfig(schedule=schedule, warmup_steps=5, warmup_fraction=0.3)
+        rates = [schedule_at(config, step, step, 10, 1.0)[0] for step in range(10)]
+        assert min(rates) > 0.0, schedule
+    # The exploration schedule continues from the exploration's step, not the run's.
+    config = TrainConfig(schedule="exploration", warmup_steps=5)
+    assert schedule_at(config, 12, 0, 10, 1.0) == (1.0, config.base_momentum)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -130,10 +149,23 @@ def test_a_run_respects_the_step_cap_and_is_reproducible():
     again = train(second, TensorLoader(images, 8, seed=11), config, seed=11)
     assert result.steps == 3 and len(reports) == 3 and first.global_step == 3
     assert [r.step for r in reports] == [1, 2, 3]
-    assert reports[0].lr == 0.0 and reports[1].lr > 0  # warm-up starts at zero
-    assert reports[0].momentum < reports[-1].momentum <= 1.0
+    assert 0.0 < reports[0].lr < reports[1].lr  # the warm-up's first step already trains
+    assert reports[0].momentum == reports[-1].momentum == config.base_momentum  # the paper's constant momentum
     assert again.final_loss == pytest.approx(result.final_loss, rel=1e-5)
     assert train(first, TensorLoader(images[:1], 1, seed=1), config, seed=1).steps == 0
+
+
+def test_one_step_at_default_settings_changes_the_backbone_weights():
+    """The committed exploration benchmark once trained 1 step per iteration at lr 0: nothing but
+    BatchNorm statistics moved. One step of a fresh exploration must move the backbone itself."""
+    images = torch.randint(0, 256, (16, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    state = EncoderState.create(TINY, CPU)
+    before = {name: p.detach().clone() for name, p in state.model.backbone.named_parameters()}
+    result = train(state, TensorLoader(images, 8, seed=2), TrainConfig(batch_size=8, max_steps=1), seed=2)
+    assert result.steps == 1 and state.global_step == 1
+    moved = [name for name, p in state.model.backbone.named_parameters() if not torch.equal(p, before[name])]
+    weights = [name for name, p in state.model.backbone.named_parameters() if p.ndim > 1]
+    assert set(weights) <= set(moved), sorted(set(weights) - set(moved))[:5]
 
 
 def test_early_stopping_ends_the_run_after_epochs_without_a_lower_loss():
