@@ -24,8 +24,10 @@ def upload_target(store: ObjectStore, bucket: str, prefix: str, concepts, n_trai
         root = Path(tmp)
         for path in sorted(root.rglob("*.png")):
             store.put_bytes(bucket, f"{prefix}/{path.relative_to(root).as_posix()}", path.read_bytes(), content_type="image/png")
-        # The ground truth travels with the target, for reports and benchmarks.
-        store.put_bytes(bucket, f"{prefix}/target.json", (root / "target.json").read_bytes(), content_type="application/json")
+        # The ground truth travels with the target, for reports and benchmarks, and so do the train
+        # split's labels, for the trainer's evaluation (train -> test, the paper's protocol).
+        for name in ("target.json", synthetic.TRAIN_LABELS_FILE):
+            store.put_bytes(bucket, f"{prefix}/{name}", (root / name).read_bytes(), content_type="application/json")
     return f"s3://{bucket}/{prefix}"
 
 

@@ -2,7 +2,7 @@
 
     python -m services.offlineweb build [--out DIR] [--sources google,twitter,...] [--workers N] [--force]
     python -m services.offlineweb list-branches [--data-dir DIR] [--json]
-    python -m services.offlineweb target food/fruit [--data-dir DIR] [--out DIR] [--eval-fraction 0.3]
+    python -m services.offlineweb target food/fruit [--data-dir DIR] [--out DIR] [--eval-fraction 0.5]
     python -m services.offlineweb upload-target food/fruit --to s3://iex/targets/food-fruit
     python -m services.offlineweb relevant food/fruit n07739125 [--data-dir DIR]
 """
@@ -75,12 +75,13 @@ def cmd_list_branches(args) -> int:
     if args.json:
         print(json.dumps(branches, indent=1, sort_keys=True))
         return 0
-    print(f"{'branch':36s} {'photos':>6s} {'train':>5s} {'eval':>5s} {'subtree':>7s} {'relevant':>8s}  roots")
+    print(f"{'branch':36s} {'photos':>6s} {'train':>5s} {'eval':>5s} {'labels':>6s} {'measurable':>10s} {'subtree':>7s} {'relevant':>8s}  roots")
     for branch, entry in branches.items():
         roots = ", ".join(r.split(" ", 1)[1] for r in entry["roots"]) or "-"
+        measurable = {True: "yes", False: "no"}.get(entry.get("measurable"), "")
         print(
-            f"{branch:36s} {entry['photos']:6d} {entry.get('train', ''):>5} {entry.get('eval', ''):>5} {entry['subtree_size']:7d} "
-            f"{entry.get('relevant_web_images', ''):>8}  {roots}"
+            f"{branch:36s} {entry['photos']:6d} {entry.get('train', ''):>5} {entry.get('eval', ''):>5} {entry.get('labels', ''):>6} {measurable:>10} "
+            f"{entry['subtree_size']:7d} {entry.get('relevant_web_images', ''):>8}  {roots}"
         )
     return 0
 
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def split_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--eval-fraction", type=float, default=target_sets.DEFAULT_EVAL_FRACTION, help="share of photos held out as the labelled eval split")
         p.add_argument("--split-seed", default=target_sets.DEFAULT_SPLIT_SEED, help="seed of the hash-based split")
-        p.add_argument("--label-by", choices=target_sets.LABEL_MODES, default="auto", help="eval labels: leaf folder, photo concept, or auto")
+        p.add_argument("--label-by", choices=target_sets.LABEL_MODES, default="auto", help="labels (both splits): the folder below the branch, merged upwards until each class has 3 photos in each split (auto = folder), or the photo concept")
         p.add_argument("--max-side", type=int, default=MAX_SIDE, help="longest image side in pixels")
 
     b = commands.add_parser("build", help="fetch the packages and build corpus, images, targets and manifest")
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lb.add_argument("--min-photos", type=int, default=1)
     lb.set_defaults(func=cmd_list_branches)
 
-    t = commands.add_parser("target", help="write one branch's target (train/, eval/<label>/, target.json)")
+    t = commands.add_parser("target", help="write one branch's target (train/, eval/<label>/, target.json, train_labels.json)")
     t.add_argument("branch", help="a Tux Paint folder path, e.g. food/fruit or animals/birds")
     t.add_argument("--data-dir")
     t.add_argument("--out", help="target directory (default: <data dir>/targets/<branch>)")

@@ -495,6 +495,9 @@ def branch_entry(summary: dict) -> dict:
         "train": summary["train"],
         "eval": summary["eval"],
         "labels": len(summary["labels"]),
+        "train_labelled": sum(summary.get("train_labels", {}).values()),
+        # Every test class has >= MIN_CLASS_PHOTOS photos in each split: two classes can measure.
+        "measurable": len(summary["labels"]) >= 2,
         "label_by": summary["label_by"],
         "roots": [f"{r['wnid']} {r['lemma']}" for r in summary["roots"]],
         "subtree_size": summary["subtree_size"],

@@ -1,5 +1,7 @@
 """Uploads a built target to S3 in the layout explorations read: <prefix>/train/*.png (unlabelled),
-<prefix>/eval/<label>/*.png, and <prefix>/target.json (roots and relevant synsets for benchmarks).
+<prefix>/eval/<label>/*.png (the test split), <prefix>/target.json (roots and relevant synsets for
+benchmarks) and <prefix>/train_labels.json (the train split's labels, read only by the trainer's
+evaluation: the classifier is fitted on them and scored on eval/).
 
 Only the target's own entries are uploaded: targets nest like their branches (targets/animals/ holds
 targets/animals/birds/), and a child target must not leak into its parent's train split.
@@ -11,13 +13,13 @@ from pathlib import Path
 
 from services.common import settings as settings_mod
 from services.common.objectstore import ObjectStore, parse_s3_uri
-from services.offlineweb.targets import TARGET_FILE
+from services.offlineweb.targets import TARGET_FILE, TRAIN_LABELS_FILE
 
 CONTENT_TYPES = {".png": "image/png", ".json": "application/json"}
 
 
 def target_files(directory: Path) -> list[Path]:
-    files = [directory / TARGET_FILE] if (directory / TARGET_FILE).is_file() else []
+    files = [directory / name for name in (TARGET_FILE, TRAIN_LABELS_FILE) if (directory / name).is_file()]
     for split in ("train", "eval"):
         if (directory / split).is_dir():
             files.extend(sorted(p for p in (directory / split).rglob("*") if p.is_file()))

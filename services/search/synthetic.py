@@ -45,6 +45,9 @@ CAPTION_TEMPLATES = (
     "an image of a {c}",
 )
 LICENSE = "CC0-1.0"
+# The train split's labels (services.offlineweb.targets.TRAIN_LABELS_FILE: not imported, the search
+# service does not depend on the offline-web tooling).
+TRAIN_LABELS_FILE = "train_labels.json"
 
 # Random streams: one per purpose, so corpus and target images never coincide.
 _CORPUS, _TARGET_TRAIN, _TARGET_EVAL = 0, 1, 2
@@ -151,7 +154,10 @@ def make_corpus(out_dir: str | Path, per_concept: int = 8, concepts: Sequence[st
 def make_target(
     out_dir: str | Path, concepts: Sequence[str], n_train: int = 16, n_eval: int = 8, seed: int = 1, size: int = 64
 ) -> dict:
-    """Writes a target set: train/*.png (unlabelled) and eval/<label>/*.png, n_train and n_eval per concept.
+    """Writes a target set: train/*.png (unlabelled), eval/<label>/*.png (the test split), n_train
+    and n_eval per concept, and train_labels.json, the train split's labels, which only the
+    trainer's evaluation reads (the paper's protocol: classifiers fitted on train, scored on eval),
+    in the format of services.offlineweb.targets.
 
     Images come from random streams the corpus never uses, so no target image equals a corpus image.
     Returns the summary also written to target.json.
@@ -162,14 +168,17 @@ def make_target(
         raise ValueError("n_train and n_eval must be >= 0")
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
-    summary: dict = {"concepts": list(concepts), "seed": seed, "size": size, "train": 0, "eval": {}}
+    summary: dict = {"concepts": list(concepts), "seed": seed, "size": size, "train": 0, "eval": {}, "train_labels": {}}
+    train_labels: dict[str, str] = {}
     for concept in concepts:
         parse_concept(concept)
         label = label_of(concept)
         for index in range(n_train):
             image = render(concept, _rng(seed, _TARGET_TRAIN, concept, index), size)
             (out / "train" / f"{label}-{index:04d}.png").write_bytes(png_bytes(image))
+            train_labels[f"train/{label}-{index:04d}.png"] = label
         summary["train"] += n_train
+        summary["train_labels"][label] = n_train
         if n_eval:
             (out / "eval" / label).mkdir(parents=True, exist_ok=True)
         for index in range(n_eval):
@@ -177,6 +186,8 @@ def make_target(
             (out / "eval" / label / f"{index:04d}.png").write_bytes(png_bytes(image))
         summary["eval"][label] = n_eval
     (out / "target.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    labels_doc = {"format": 1, "branch": "synthetic", "label_by": "concept", "labels": dict(sorted(train_labels.items()))}
+    (out / TRAIN_LABELS_FILE).write_text(json.dumps(labels_doc, indent=1, sort_keys=True) + "\n")
     return summary
 
 
@@ -193,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated '<colour> <shape>' concepts (default: all 24)")
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--size", type=int, default=64)
-    target = commands.add_parser("target", help="write a target set (train/ + eval/<label>/)")
+    target = commands.add_parser("target", help="write a target set (train/ + eval/<label>/ + train_labels.json)")
     target.add_argument("out_dir")
     target.add_argument("--concepts", required=True, help="comma-separated concepts, e.g. 'red circle,orange circle'")
     target.add_argument("--train-per-concept", type=int, default=16)

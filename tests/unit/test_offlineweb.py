@@ -7,9 +7,11 @@ drawings (flat colour, cartoon folder, recolourable, SVG).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -343,7 +345,14 @@ def test_build_writes_a_valid_corpus_manifest_and_targets(fake_sources, tmp_path
     assert manifest["targets"]["photos"] == 9 and manifest["targets"]["photo_rule"]["photo"] == 9
     branches = json.loads((out / "targets" / build_mod.BRANCHES_FILE).read_text())
     assert set(branches) == {"animals", "animals/birds", "food", "food/fruit", "food/vegetables"}
-    assert branches["food"]["photos"] == 6 and branches["food/fruit"]["label_by"] == "concept"
+    assert branches["food"]["photos"] == 6 and branches["food/fruit"]["label_by"] == "folder"
+    # fruit (2 + 2) and vegetables (1 + 1) fall short of 3 photos in each split and merge into the
+    # branch's own class: food, 3 + 3, a single class, so not measurable. Alone, food/fruit (2 + 2)
+    # has no class at all: every photo trains.
+    assert (branches["food"]["train"], branches["food"]["eval"], branches["food"]["labels"], branches["food"]["measurable"]) == (3, 3, 1, False)
+    assert (branches["food/fruit"]["train"], branches["food/fruit"]["eval"], branches["food/fruit"]["train_labelled"]) == (4, 0, 0)
+    assert set(json.loads((out / "targets" / "food" / targets.TRAIN_LABELS_FILE).read_text())["labels"].values()) == {"food"}
+    assert json.loads((out / "targets" / "food" / "fruit" / targets.TRAIN_LABELS_FILE).read_text())["labels"] == {}
     # Relevant web images of food/fruit: the apple emoji (google, twitter, openmoji), the bitten apple
     # clip art, the cartoon and plastic apples of Tux Paint; not the bird, not the pear (no 'pear' in
     # the fake WordNet, so no synset).
@@ -424,7 +433,9 @@ def test_relevance_follows_the_subtree(catalog):
     assert targets.relevant("n07739125", {"relevant_synsets": sorted(target.relevant_synsets)})
 
 
-def test_splits_are_deterministic_and_agree_across_branches(catalog, packages, tmp_path):
+def test_splits_are_deterministic_and_agree_across_branches(catalog, packages, tmp_path, monkeypatch):
+    # The fake tree's folders are too small for 3 photos a class and split: 1 lets every folder be tested.
+    monkeypatch.setattr(targets, "assign_labels", functools.partial(targets.assign_labels, min_photos=1))
     image = targets.photo_image(tuxpaint.stamps_root(packages["tuxpaint"]))
     food = targets.write_target(catalog, "food", tmp_path / "food", image, eval_fraction=0.5)
     fruit = targets.write_target(catalog, "food/fruit", tmp_path / "food" / "fruit", image, eval_fraction=0.5)
@@ -471,12 +482,93 @@ def test_upload_sends_only_the_targets_own_files(catalog, packages, tmp_path):
     store = Store()
     uri, count = upload_target(tmp_path / "food", "s3://iex/targets/food", store)
     keys = sorted(k for _, k in store.objects)
-    assert uri == "s3://iex/targets/food" and count == len(keys) == 7  # 6 photos + target.json
-    assert all(k.startswith(("targets/food/train/", "targets/food/eval/")) or k == "targets/food/target.json" for k in keys)
+    assert uri == "s3://iex/targets/food" and count == len(keys) == 8  # 6 photos + target.json + train_labels.json
+    own_files = ("targets/food/target.json", "targets/food/train_labels.json")
+    assert all(k.startswith(("targets/food/train/", "targets/food/eval/")) or k in own_files for k in keys)
     assert not any(k.startswith("targets/food/fruit/") for k in keys)  # the nested target stays out
-    assert store.objects[("iex", "targets/food/target.json")][1] == "application/json"
+    assert all(store.objects[("iex", k)][1] == "application/json" for k in own_files)
     with pytest.raises(ValueError):
         upload_target(tmp_path / "nothing-here", "s3://iex/x", store)
+
+
+# ---- labels: the paper's protocol (fitted on train, tested on eval) ------------------------------
+def _photos(counts: dict[str, int]) -> list[targets.Photo]:
+    """`counts` photos in each folder, named <folder>/p<i>.png, with distinct contents."""
+    out = []
+    for folder, n in counts.items():
+        for i in range(n):
+            path = f"{folder}/p{i}.png"
+            out.append(targets.Photo(path=path, caption="", synset="", concept=f"{PurePosixPath(folder).name}{i % 2}", sha256=hashlib.sha256(path.encode()).hexdigest()))
+    return out
+
+
+def _half_held_out(photos: list[targets.Photo]) -> set[str]:
+    """Every second photo of each folder (p1, p3, ...)."""
+    return {p.path for p in photos if int(PurePosixPath(p.path).stem[1:]) % 2 == 1}
+
+
+def test_assign_labels_merges_short_folders_upwards():
+    photos = _photos({"zoo/birds": 6, "zoo/mammals/apes": 4, "zoo/mammals/cats": 2, "zoo/fish": 2})
+    held_out = _half_held_out(photos)
+    labels = targets.assign_labels(photos, held_out, "zoo", "folder")
+    by_folder = {folder: {labels[p.path] for p in photos if p.folder == folder} for folder in {p.folder for p in photos}}
+    # birds: 3 + 3, a class of its own. apes (2 + 2) and cats (1 + 1) are too small: both join
+    # mammals (3 + 3). fish (1 + 1) joins the branch, which alone still falls short: unlabelled.
+    assert by_folder == {"zoo/birds": {"birds"}, "zoo/mammals/apes": {"mammals"}, "zoo/mammals/cats": {"mammals"}, "zoo/fish": {""}}
+    for label in ("birds", "mammals"):
+        members = [path for path, value in labels.items() if value == label]
+        assert sum(path in held_out for path in members) >= 3 and sum(path not in held_out for path in members) >= 3
+    # A big enough remainder is labelled with the branch's own name ("other photos of the branch").
+    more = _photos({"zoo/birds": 6, "zoo/fish": 2, "zoo/frogs": 4})
+    labels = targets.assign_labels(more, _half_held_out(more), "zoo", "folder")
+    assert {labels[p.path] for p in more if p.folder != "zoo/birds"} == {"zoo"}
+    # Nothing reaches 3 + 3: nothing is labelled.
+    assert set(targets.assign_labels(photos[:4], {photos[1].path}, "zoo", "folder").values()) == {""}
+
+
+def test_assign_labels_concept_mode_drops_short_concepts():
+    photos = _photos({"zoo/birds": 12, "zoo/fish": 4})  # concepts birds0/birds1 (6 each), fish0/fish1 (2 each)
+    labels = targets.assign_labels(photos, _half_held_out(photos), "zoo", "concept")
+    # p0, p2, ... (train) are concept birds0, p1, p3, ... (held out) birds1: neither has photos in both splits.
+    assert set(labels.values()) == {""}
+    held_out = {p.path for p in photos if int(PurePosixPath(p.path).stem[1:]) in (0, 1, 2, 3, 4, 5)}
+    labels = targets.assign_labels(photos, held_out, "zoo", "concept")
+    assert {labels[p.path] for p in photos if p.folder == "zoo/birds"} == {"birds0", "birds1"}
+    assert {labels[p.path] for p in photos if p.folder == "zoo/fish"} == {""}
+
+
+def _noise_png(photo: targets.Photo) -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(int(photo.sha256[:8], 16))
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_unlabelled_photos_return_to_train_and_train_labels_never_name_an_eval_image(mapper, tmp_path):
+    photos = _photos({"zoo/birds": 6, "zoo/mammals/apes": 4, "zoo/mammals/cats": 2, "zoo/fish": 2})
+    summary = targets.write_target(targets.Catalog(photos, mapper), "zoo", tmp_path / "zoo", _noise_png)
+    records = summary["images"]
+    by_source = {r["source"]: r for r in records}
+    # Half of each folder was held out; the fish photo no class can test went back to train.
+    assert {r["split"] for s, r in by_source.items() if s.startswith("zoo/fish/")} == {"train"}
+    assert all(r["label"] == "" for s, r in by_source.items() if s.startswith("zoo/fish/"))
+    assert summary["labels"] == {"birds": 3, "mammals": 3} and summary["train_labels"] == {"birds": 3, "mammals": 3}
+    assert (summary["train"], summary["eval"]) == (8, 6)
+    doc = json.loads((tmp_path / "zoo" / targets.TRAIN_LABELS_FILE).read_text())
+    assert (doc["format"], doc["branch"], doc["label_by"]) == (1, "zoo", "folder")
+    eval_files = {r["file"] for r in records if r["split"] == "eval"}
+    eval_bytes = {(tmp_path / "zoo" / f).read_bytes() for f in eval_files}
+    assert eval_files and all(f.startswith("eval/") for f in eval_files)
+    for file, label in doc["labels"].items():
+        assert file.startswith("train/") and file not in eval_files
+        assert (tmp_path / "zoo" / file).read_bytes() not in eval_bytes  # no eval image under another name
+        assert label == by_source[next(r["source"] for r in records if r["file"] == file)]["label"]
+    assert len(doc["labels"]) == 6  # labelled train photos only: the unlabelled fish are not listed
+    from services.search import synthetic  # the generated targets use the same file
+
+    assert synthetic.TRAIN_LABELS_FILE == targets.TRAIN_LABELS_FILE
+    # The test split's labels are its folders, and every test class is in the train labels.
+    assert {f.split("/")[1] for f in eval_files} == set(doc["labels"].values())
 
 
 def test_cli_lists_branches_and_answers_relevance(fake_sources, tmp_path, capsys):

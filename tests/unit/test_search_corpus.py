@@ -60,6 +60,11 @@ def test_target_is_labelled_and_never_repeats_corpus_images(tmp_path):
     target_bytes = [p.read_bytes() for p in (tmp_path / "target").rglob("*.png")]
     assert len(target_bytes) == 10 and not corpus_bytes.intersection(target_bytes)
     assert json.loads((tmp_path / "target/target.json").read_text())["concepts"] == concepts
+    # The train split's labels, for the trainer's evaluation only: every train image, no eval image.
+    labels = json.loads((tmp_path / "target" / synthetic.TRAIN_LABELS_FILE).read_text())
+    assert labels["format"] == 1 and labels["label_by"] == "concept"
+    assert labels["labels"] == {f"train/{label}-{i:04d}.png": label for label in ("red_circle", "orange_circle") for i in range(3)}
+    assert all((tmp_path / "target" / key).is_file() for key in labels["labels"])
 
 
 def test_unknown_concept_is_refused(tmp_path):
