@@ -104,7 +104,32 @@ def _evaluation(value: dict | None) -> planner_pb2.EncoderEvaluation:
         knn_top1=float(value.get("knn_top1", 0.0)),
         linear_probe_top1=float(value.get("linear_probe_top1", 0.0)),
         eval_images=int(value.get("eval_images", 0)),
+        # Records written before the paper's protocol existed lack these.
+        protocol=str(value.get("protocol", "")),
+        train_images=int(value.get("train_images", 0)),
+        classes=int(value.get("classes", 0)),
+        measurable=bool(value.get("measurable", False)),
+        not_measurable_reason=str(value.get("not_measurable_reason", "")),
+        detectable_difference=float(value.get("detectable_difference", 0.0)),
+        record_key=str(value.get("record_key", "")),
     )
+
+
+def evaluation_dict(event: events_pb2.EvaluationFinished) -> dict:
+    """What the planner keeps of an EvaluationFinished (initial encoder and every iteration)."""
+    return {
+        "model": [event.model.name, int(event.model.version)],
+        "knn_top1": float(event.knn_top1),
+        "linear_probe_top1": float(event.linear_probe_top1),
+        "eval_images": int(event.eval_images),
+        "protocol": event.protocol,
+        "train_images": int(event.train_images),
+        "classes": int(event.classes),
+        "measurable": bool(event.measurable),
+        "not_measurable_reason": event.not_measurable_reason,
+        "detectable_difference": float(event.detectable_difference),
+        "record_key": event.record_key,
+    }
 
 
 class Explorations:
@@ -682,6 +707,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             "candidate_rewards": {k: best[k] for k in sorted(best)},
             "replay": replay,
             "target_bucket": target_bucket,
+            # The trainer's evaluation reads the train split's labels (<target_uri>/train_labels.json) there.
+            "target_uri": spec.target_uri,
             "target_train": target_train,
             "target_eval": target_eval,
             "concept_rewards": [
@@ -836,12 +863,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                 return
             if event.iteration == 0:
                 # The initial encoder, before any web image: kept so reports can compare before/after.
-                record.initial_evaluation = {
-                    "model": [event.model.name, int(event.model.version)],
-                    "knn_top1": float(event.knn_top1),
-                    "linear_probe_top1": float(event.linear_probe_top1),
-                    "eval_images": int(event.eval_images),
-                }
+                record.initial_evaluation = evaluation_dict(event)
                 self.explorations.mark(record)
                 return
             it = record.iterations.get(event.iteration)
@@ -849,6 +871,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                 it.knn_top1 = float(event.knn_top1)
                 it.linear_probe_top1 = float(event.linear_probe_top1)
                 it.eval_images = int(event.eval_images)
+                it.evaluation = evaluation_dict(event)
                 self.explorations.mark(record)
 
     # ---- gRPC API ------------------------------------------------------------------------------
@@ -870,6 +893,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                     knn_top1=it.knn_top1 or 0.0,
                     linear_probe_top1=it.linear_probe_top1 or 0.0,
                     eval_images=it.eval_images,
+                    evaluation=_evaluation(it.evaluation),
                     started_at=_ts(it.started_at),
                     finished_at=_ts(it.finished_at),
                     collected_at=_ts(it.collected_at),

@@ -109,6 +109,8 @@ class IterationState:
     knn_top1: float | None = None
     linear_probe_top1: float | None = None
     eval_images: int = 0
+    # The whole evaluation of the model trained on this iteration (evaluation_dict's keys), None until it arrives.
+    evaluation: dict[str, Any] | None = None
     # When collecting ended (the trainer was handed the iteration) and when its model was published.
     collected_at: float = 0.0
     trained_at: float = 0.0
@@ -188,7 +190,9 @@ class ExplorationRecord:
     # an image another exploration stored first (a duplicate for dedup) is still new to this one,
     # one this exploration already trained on is not. 17 bytes an image in the persisted record.
     candidate_digests: list[str] = field(default_factory=list)
-    # The initial encoder's evaluation (iteration 0): model name/version, knn_top1, linear_probe_top1, eval_images.
+    # The initial encoder's evaluation (iteration 0): model name/version, knn_top1, linear_probe_top1,
+    # eval_images, protocol, train_images, classes, measurable, not_measurable_reason,
+    # detectable_difference, record_key.
     initial_evaluation: dict[str, Any] | None = None
     # Bumped on every change; watchers wait on it.
     revision: int = 0

@@ -323,6 +323,7 @@ def test_an_image_another_exploration_stored_first_is_still_a_training_candidate
             decide(1, query, common_pb2.DECISION_KIND_INVALID, "", 100 + 10 * queries.index(query) + i)
     manifest = json.loads(store.objects[record.iterations[1].manifest_key])
     assert manifest["candidates"] == ["images/new", "images/stored-by-b"]
+    assert manifest["target_uri"] == service._spec(record).target_uri  # where the trainer finds train_labels.json
 
     serve(service, 2, "a")
     plan_until_done(service, "a")
@@ -373,20 +374,31 @@ def test_evaluations_before_and_after_and_stage_times_are_recorded(tmp_path):
     service = make_service(store, publisher, tmp_path)
     create(service)
     ref = lambda v: common_pb2.ModelRef(name="enc_e1", version=v)  # noqa: E731
-    service.on_evaluation(events_pb2.EvaluationFinished(exploration_id="e1", iteration=0, model=ref(1), knn_top1=0.25, linear_probe_top1=0.5, eval_images=8), None)
+    protocol = dict(protocol="train->test", train_images=9, classes=2, measurable=False, not_measurable_reason="too few", detectable_difference=0.5)
+    service.on_evaluation(
+        events_pb2.EvaluationFinished(exploration_id="e1", iteration=0, model=ref(1), knn_top1=0.25, linear_probe_top1=0.5, eval_images=8, record_key="evaluations/e1/v1.json", **protocol),
+        None,
+    )
     serve(service, 1)
     plan_until_done(service)
     finish_iteration(service, 1)
     service.on_model_published(events_pb2.ModelPublished(exploration_id="e1", iteration=1, model=ref(2)), None)
-    service.on_evaluation(events_pb2.EvaluationFinished(exploration_id="e1", iteration=1, model=ref(2), knn_top1=0.375, linear_probe_top1=0.625, eval_images=8), None)
+    service.on_evaluation(
+        events_pb2.EvaluationFinished(exploration_id="e1", iteration=1, model=ref(2), knn_top1=0.375, linear_probe_top1=0.625, eval_images=8, record_key="evaluations/e1/v2.json", **protocol),
+        None,
+    )
     serve(service, 2)
     service._sync()
     for planner in (service, make_service(store, FakePublisher(), tmp_path)):
         e = planner.GetExploration(planner_pb2.GetExplorationRequest(exploration_id="e1"), Context()).exploration
         before = e.initial_evaluation
         assert (before.model.version, before.knn_top1, before.linear_probe_top1, before.eval_images) == (1, 0.25, 0.5, 8)
+        assert (before.protocol, before.train_images, before.classes, before.measurable, before.not_measurable_reason) == ("train->test", 9, 2, False, "too few")
+        assert (before.detectable_difference, before.record_key) == (0.5, "evaluations/e1/v1.json")
         it = e.iterations[0]
         assert it.iteration == 1 and it.phase == common_pb2.ITERATION_PHASE_FINISHED
         assert (it.knn_top1, it.linear_probe_top1, it.eval_images) == (0.375, 0.625, 8)
+        after = it.evaluation
+        assert (after.model.version, after.knn_top1, after.protocol, after.train_images, after.record_key) == (2, 0.375, "train->test", 9, "evaluations/e1/v2.json")
         times = [t.ToNanoseconds() for t in (it.started_at, it.collected_at, it.trained_at, it.finished_at)]
         assert all(times) and times == sorted(times)

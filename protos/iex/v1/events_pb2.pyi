@@ -621,7 +621,9 @@ Global___ModelPublished: _TypeAlias = ModelPublished  # noqa: Y015
 
 @_typing.final
 class EvaluationFinished(_message.Message):
-    """iex.trainer.evaluations.v1 (key: exploration_id)"""
+    """iex.trainer.evaluations.v1 (key: exploration_id)
+    Representation quality of one encoder version on the target's labelled images (docs/trainer.md).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -632,11 +634,37 @@ class EvaluationFinished(_message.Message):
     LINEAR_PROBE_TOP1_FIELD_NUMBER: _builtins.int
     EVAL_IMAGES_FIELD_NUMBER: _builtins.int
     EVALUATED_AT_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    TRAIN_IMAGES_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    MEASURABLE_FIELD_NUMBER: _builtins.int
+    NOT_MEASURABLE_REASON_FIELD_NUMBER: _builtins.int
+    DETECTABLE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    RECORD_KEY_FIELD_NUMBER: _builtins.int
     exploration_id: _builtins.str
     iteration: _builtins.int
     knn_top1: _builtins.float
     linear_probe_top1: _builtins.float
     eval_images: _builtins.int
+    """Test images scored (the target's eval/ split)."""
+    protocol: _builtins.str
+    """"train->test": the paper's protocol (k-NN memory bank and linear probe fitted on the labelled
+    train split of <target>/train_labels.json, scored on eval/); "eval-split-cv": the fallback for a
+    target without train labels (leave-one-out k-NN and cross-validated probe inside eval/).
+    """
+    train_images: _builtins.int
+    """Labelled train images the classifiers were fitted on (0 for eval-split-cv)."""
+    classes: _builtins.int
+    """Classes with enough images in both splits to be learnt and tested."""
+    measurable: _builtins.bool
+    """Whether before/after differences on this split can be shown at all; when false,
+    not_measurable_reason says why and the accuracies must not be read as a result.
+    """
+    not_measurable_reason: _builtins.str
+    detectable_difference: _builtins.float
+    """Smallest accuracy difference a paired 95% bootstrap interval on these test images can separate from 0."""
+    record_key: _builtins.str
+    """S3 key (service bucket) of the evaluation record: per test image, k-NN and probe correctness."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
@@ -651,10 +679,17 @@ class EvaluationFinished(_message.Message):
         linear_probe_top1: _builtins.float = ...,
         eval_images: _builtins.int = ...,
         evaluated_at: _timestamp_pb2.Timestamp | None = ...,
+        protocol: _builtins.str = ...,
+        train_images: _builtins.int = ...,
+        classes: _builtins.int = ...,
+        measurable: _builtins.bool = ...,
+        not_measurable_reason: _builtins.str = ...,
+        detectable_difference: _builtins.float = ...,
+        record_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluated_at", b"evaluated_at", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_images", b"eval_images", "evaluated_at", b"evaluated_at", "exploration_id", b"exploration_id", "iteration", b"iteration", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "detectable_difference", b"detectable_difference", "eval_images", b"eval_images", "evaluated_at", b"evaluated_at", "exploration_id", b"exploration_id", "iteration", b"iteration", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "measurable", b"measurable", "model", b"model", "not_measurable_reason", b"not_measurable_reason", "protocol", b"protocol", "record_key", b"record_key", "train_images", b"train_images"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

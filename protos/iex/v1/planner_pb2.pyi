@@ -231,6 +231,7 @@ class IterationSummary(_message.Message):
     EVAL_IMAGES_FIELD_NUMBER: _builtins.int
     COLLECTED_AT_FIELD_NUMBER: _builtins.int
     TRAINED_AT_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     iteration: _builtins.int
     phase: _common_pb2.IterationPhase.ValueType
     mean_concept_reward: _builtins.float
@@ -266,6 +267,10 @@ class IterationSummary(_message.Message):
 
     @_builtins.property
     def trained_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def evaluation(self) -> Global___EncoderEvaluation:
+        """The evaluation of the model trained on this iteration, in full (protocol, measurability, record)."""
+
     def __init__(
         self,
         *,
@@ -286,10 +291,11 @@ class IterationSummary(_message.Message):
         eval_images: _builtins.int = ...,
         collected_at: _timestamp_pb2.Timestamp | None = ...,
         trained_at: _timestamp_pb2.Timestamp | None = ...,
+        evaluation: Global___EncoderEvaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "counts", b"counts", "finished_at", b"finished_at", "scored_with", b"scored_with", "started_at", b"started_at", "trained_at", b"trained_at", "trained_model", b"trained_model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "counts", b"counts", "evaluation", b"evaluation", "finished_at", b"finished_at", "scored_with", b"scored_with", "started_at", b"started_at", "trained_at", b"trained_at", "trained_model", b"trained_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "counts", b"counts", "eval_images", b"eval_images", "finished_at", b"finished_at", "iteration", b"iteration", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "max_concept_reward", b"max_concept_reward", "mean_concept_reward", b"mean_concept_reward", "phase", b"phase", "planning_seconds", b"planning_seconds", "queries_incomplete", b"queries_incomplete", "reward_model", b"reward_model", "scored_with", b"scored_with", "started_at", b"started_at", "trained_at", b"trained_at", "trained_model", b"trained_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "counts", b"counts", "eval_images", b"eval_images", "evaluation", b"evaluation", "finished_at", b"finished_at", "iteration", b"iteration", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "max_concept_reward", b"max_concept_reward", "mean_concept_reward", b"mean_concept_reward", "phase", b"phase", "planning_seconds", b"planning_seconds", "queries_incomplete", b"queries_incomplete", "reward_model", b"reward_model", "scored_with", b"scored_with", "started_at", b"started_at", "trained_at", b"trained_at", "trained_model", b"trained_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,7 +303,9 @@ Global___IterationSummary: _TypeAlias = IterationSummary  # noqa: Y015
 
 @_typing.final
 class EncoderEvaluation(_message.Message):
-    """Representation quality of one encoder version on the target's labelled split."""
+    """Representation quality of one encoder version on the target's labelled images (the trainer's
+    EvaluationFinished; see its fields).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -305,10 +313,26 @@ class EncoderEvaluation(_message.Message):
     KNN_TOP1_FIELD_NUMBER: _builtins.int
     LINEAR_PROBE_TOP1_FIELD_NUMBER: _builtins.int
     EVAL_IMAGES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    TRAIN_IMAGES_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    MEASURABLE_FIELD_NUMBER: _builtins.int
+    NOT_MEASURABLE_REASON_FIELD_NUMBER: _builtins.int
+    DETECTABLE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    RECORD_KEY_FIELD_NUMBER: _builtins.int
     knn_top1: _builtins.float
     linear_probe_top1: _builtins.float
     eval_images: _builtins.int
-    """0 means the version was not evaluated (no labelled split)."""
+    """Test images; 0 means the version was not evaluated (no labelled split)."""
+    protocol: _builtins.str
+    """"train->test" (the paper's protocol) or "eval-split-cv" (fallback without train labels)."""
+    train_images: _builtins.int
+    classes: _builtins.int
+    measurable: _builtins.bool
+    not_measurable_reason: _builtins.str
+    detectable_difference: _builtins.float
+    record_key: _builtins.str
+    """S3 key of the trainer's evaluation record (per-image correctness, for paired intervals)."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef: ...
     def __init__(
@@ -318,10 +342,17 @@ class EncoderEvaluation(_message.Message):
         knn_top1: _builtins.float = ...,
         linear_probe_top1: _builtins.float = ...,
         eval_images: _builtins.int = ...,
+        protocol: _builtins.str = ...,
+        train_images: _builtins.int = ...,
+        classes: _builtins.int = ...,
+        measurable: _builtins.bool = ...,
+        not_measurable_reason: _builtins.str = ...,
+        detectable_difference: _builtins.float = ...,
+        record_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_images", b"eval_images", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "detectable_difference", b"detectable_difference", "eval_images", b"eval_images", "knn_top1", b"knn_top1", "linear_probe_top1", b"linear_probe_top1", "measurable", b"measurable", "model", b"model", "not_measurable_reason", b"not_measurable_reason", "protocol", b"protocol", "record_key", b"record_key", "train_images", b"train_images"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
