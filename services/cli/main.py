@@ -73,10 +73,9 @@ def cmd_create(args) -> int:
         mode=common_pb2.ExplorationMode.Value(f"EXPLORATION_MODE_{args.mode.upper().replace('-', '_')}"),
         concepts=[c.strip() for c in (args.concepts or "").split(",") if c.strip()],
         labels=[c.strip() for c in (args.labels or "").split(",") if c.strip()],
-        iterations=args.iterations,
-        queries_per_iteration=args.queries,
-        images_per_query=args.images_per_query,
         seed=args.seed,
+        # Set only when given: unset is the planner's default, and a value given must be >= 1.
+        **{field: value for field, value in (("iterations", args.iterations), ("queries_per_iteration", args.queries), ("images_per_query", args.images_per_query)) if value is not None},
     )
     response = planner(args.planner).CreateExploration(planner_pb2.CreateExplorationRequest(spec=spec, exploration_id=args.id or ""))
     _print(response.exploration, args.json)
@@ -185,13 +184,27 @@ def cmd_watch(args) -> int:
     return 0 if last is not None and last.state == common_pb2.EXPLORATION_STATE_SUCCEEDED else 1
 
 
+def observed_text(c: planner_pb2.ConceptScore) -> str:
+    """The observed reward, or why there is none: never queried, or queried and not yet observed."""
+    if c.HasField("observed_reward"):
+        return f"observed={c.observed_reward:.3f}"
+    return "never queried" if c.times_queried == 0 else "not observed yet"
+
+
+def concept_line(c: planner_pb2.ConceptScore) -> str:
+    return (
+        f"{c.concept:40s} p={c.sampling_probability:.4f} predicted={c.predicted_reward:.3f}±{c.uncertainty:.3f} "
+        f"{observed_text(c)}" + (f", queried {c.times_queried}x" if c.times_queried else "")
+    )
+
+
 def cmd_top(args) -> int:
     response = planner(args.planner).TopConcepts(planner_pb2.TopConceptsRequest(exploration_id=args.exploration_id, limit=args.limit))
     if args.json:
         _print(response, True)
     else:
         for c in response.concepts:
-            print(f"{c.concept:40s} p={c.sampling_probability:.4f} observed={c.observed_reward:.3f} predicted={c.predicted_reward:.3f}±{c.uncertainty:.3f} queried {c.times_queried}x")
+            print(concept_line(c))
     return 0
 
 
@@ -294,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--mode", default="ie", choices=["ie", "random", "labels", "labels-only"])
     create.add_argument("--concepts", help="comma-separated vocabulary (default: the planner's)")
     create.add_argument("--labels", help="comma-separated class names for the label-guided modes")
-    create.add_argument("--iterations", type=int, default=0)
-    create.add_argument("--queries", type=int, default=0)
-    create.add_argument("--images-per-query", type=int, default=0)
+    create.add_argument("--iterations", type=int, default=None)
+    create.add_argument("--queries", type=int, default=None)
+    create.add_argument("--images-per-query", type=int, default=None)
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--name")
     create.add_argument("--id")

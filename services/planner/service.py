@@ -1123,7 +1123,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
                     concept=concept,
                     predicted_reward=float(latest.mean[i]),
                     uncertainty=float(latest.std[i]),
-                    observed_reward=observed.get(concept, 0.0),
+                    observed_reward=observed.get(concept),  # unset while never observed
                     times_queried=times.get(concept, 0),
                     sampling_probability=float(latest.probabilities[i]),
                     name=latest.names[i],

@@ -46,6 +46,22 @@ class SpecDefaults:
     gp_exact_max: int = 0
 
 
+# The budgets of ExplorationSpec (optional fields): unset takes the planner's default; a value set
+# must be at least 1, so `--iterations 0` is refused rather than read as "the default".
+BUDGETS: tuple[tuple[str, int], ...] = (("iterations", 1000), ("queries_per_iteration", 100_000), ("images_per_query", 1000))
+
+
+def _normalise_budget(out: planner_pb2.ExplorationSpec, name: str, default: int, high: int) -> None:
+    field = f"spec.{name}"
+    if not out.HasField(name):
+        setattr(out, name, default)
+        return
+    value = getattr(out, name)
+    if value < 1:
+        raise InvalidField(field, f"must be at least 1, got {value} (leave it unset for the planner's default, {default})")
+    _check_range(field, value, 1, high)
+
+
 def _check_range(field: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise InvalidField(field, f"must be between {low} and {high}, got {value}")
@@ -94,15 +110,8 @@ def normalise_spec(spec: planner_pb2.ExplorationSpec, defaults: SpecDefaults) ->
         raise InvalidField("spec.descriptors", f"must be one of {', '.join(DESCRIPTOR_SOURCES)}, got {out.descriptors[:50]!r}")
     if out.descriptors == LLM and not defaults.llm_configured:
         raise InvalidField("spec.descriptors", "no LLM endpoint is configured on the planner (IEX_PLANNER_LLM_URL)")
-    if out.iterations == 0:
-        out.iterations = defaults.iterations
-    _check_range("spec.iterations", out.iterations, 1, 1000)
-    if out.queries_per_iteration == 0:
-        out.queries_per_iteration = defaults.queries_per_iteration
-    _check_range("spec.queries_per_iteration", out.queries_per_iteration, 1, 100_000)
-    if out.images_per_query == 0:
-        out.images_per_query = defaults.images_per_query
-    _check_range("spec.images_per_query", out.images_per_query, 1, 1000)
+    for name, high in BUDGETS:
+        _normalise_budget(out, name, getattr(defaults, name), high)
     if not out.search_backend:
         out.search_backend = defaults.search_backend
     if out.search_backend not in defaults.search_backends:

@@ -183,6 +183,9 @@ def test_loop_plans_publishes_and_learns(tmp_path):
         assert max(by_concept[c].predicted_reward for c in paying) > min(by_concept[c].predicted_reward for c in poor)
     probs = [c.sampling_probability for c in top.concepts]
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+    # A concept never observed has no observed reward (not 0.0); an observed one has its mean.
+    assert all(not by_concept[c].HasField("observed_reward") for c in untried)
+    assert all(by_concept[c].HasField("observed_reward") for c in observed)
     history = service.QueryHistory(planner_pb2.QueryHistoryRequest(exploration_id="e1", iteration=1), Context())
     assert len(history.queries) == 8 and all(q.descriptor_source == "curated" for q in history.queries)
 
@@ -358,6 +361,15 @@ def test_bad_requests_get_the_right_status(tmp_path, call, request_, code):
     with pytest.raises(Aborted) as info:
         getattr(service, call)(request_, Context())
     assert info.value.code == code
+
+
+@pytest.mark.parametrize("field", ["iterations", "queries_per_iteration", "images_per_query"])
+def test_create_refuses_a_zero_budget_with_invalid_argument(tmp_path, field):
+    service = make_service(FakeStore(), FakePublisher(), tmp_path)
+    spec = planner_pb2.ExplorationSpec(target_uri="s3://iex/targets/t", concepts=CONCEPTS, **{field: 0})
+    with pytest.raises(Aborted) as info:
+        service.CreateExploration(planner_pb2.CreateExplorationRequest(spec=spec), Context())
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.details.startswith(f"spec.{field}: must be at least 1")
 
 
 def test_create_rejects_a_wordnet_request_when_no_default_vocabulary(tmp_path):

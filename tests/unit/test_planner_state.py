@@ -102,10 +102,24 @@ def test_invalid_specs_name_the_field(spec, field):
     assert str(info.value).startswith(field + ":")
 
 
-def test_defaults_fill_zero_fields():
+def test_defaults_fill_unset_fields():
     spec = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS)
     assert (spec.iterations, spec.queries_per_iteration, spec.images_per_query) == (2, 4, 5)
     assert spec.mode == common_pb2.EXPLORATION_MODE_IE and spec.search_backend == "local"
+
+
+@pytest.mark.parametrize("field", ["iterations", "queries_per_iteration", "images_per_query"])
+@pytest.mark.parametrize("value", [0, -1, -40])
+def test_a_budget_set_to_zero_or_less_is_refused_not_defaulted(field, value):
+    """`iex explore create --iterations 0` used to mean the planner's default (40): a budget that is
+    set is taken as asked, so 0 or less is an error naming the field."""
+    spec = planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], **{field: value})
+    with pytest.raises(InvalidField) as info:
+        normalise_spec(spec, DEFAULTS)
+    assert info.value.field == f"spec.{field}"
+    assert f"must be at least 1, got {value}" in str(info.value)
+    one = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], **{field: 1}), DEFAULTS)
+    assert getattr(one, field) == 1
 
 
 def test_inits_the_trainer_knows_are_accepted_with_their_architecture():

@@ -51,6 +51,9 @@ class ExplorationSpec(_message.Message):
     """s3://bucket/prefix with train/ (unlabelled) and optionally eval/<label>/ images."""
     mode: _common_pb2.ExplorationMode.ValueType
     iterations: _builtins.int
+    """Budgets: unset means the planner's default (IEX_PLANNER_DEFAULT_*); a value set must be >= 1,
+    0 or less is refused with INVALID_ARGUMENT naming the field.
+    """
     queries_per_iteration: _builtins.int
     images_per_query: _builtins.int
     search_backend: _builtins.str
@@ -99,9 +102,9 @@ class ExplorationSpec(_message.Message):
         mode: _common_pb2.ExplorationMode.ValueType = ...,
         concepts: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
-        iterations: _builtins.int = ...,
-        queries_per_iteration: _builtins.int = ...,
-        images_per_query: _builtins.int = ...,
+        iterations: _builtins.int | None = ...,
+        queries_per_iteration: _builtins.int | None = ...,
+        images_per_query: _builtins.int | None = ...,
         search_backend: _builtins.str = ...,
         seed: _builtins.int = ...,
         init: _builtins.str = ...,
@@ -116,11 +119,22 @@ class ExplorationSpec(_message.Message):
         sampling: Global___SamplingSpec | None = ...,
         reward_model: Global___RewardModelSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["reward_model", b"reward_model", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_images_per_query", b"_images_per_query", "_iterations", b"_iterations", "_queries_per_iteration", b"_queries_per_iteration", "images_per_query", b"images_per_query", "iterations", b"iterations", "queries_per_iteration", b"queries_per_iteration", "reward_model", b"reward_model", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "concepts", b"concepts", "descriptors", b"descriptors", "display_name", b"display_name", "image_size", b"image_size", "images_per_query", b"images_per_query", "init", b"init", "iteration_deadline_seconds", b"iteration_deadline_seconds", "iterations", b"iterations", "label_descriptions", b"label_descriptions", "labels", b"labels", "max_images", b"max_images", "max_wall_seconds", b"max_wall_seconds", "mode", b"mode", "queries_per_iteration", b"queries_per_iteration", "reward_model", b"reward_model", "sampling", b"sampling", "search_backend", b"search_backend", "seed", b"seed", "target_uri", b"target_uri", "vocabulary", b"vocabulary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_images_per_query", b"_images_per_query", "_iterations", b"_iterations", "_queries_per_iteration", b"_queries_per_iteration", "backbone", b"backbone", "concepts", b"concepts", "descriptors", b"descriptors", "display_name", b"display_name", "image_size", b"image_size", "images_per_query", b"images_per_query", "init", b"init", "iteration_deadline_seconds", b"iteration_deadline_seconds", "iterations", b"iterations", "label_descriptions", b"label_descriptions", "labels", b"labels", "max_images", b"max_images", "max_wall_seconds", b"max_wall_seconds", "mode", b"mode", "queries_per_iteration", b"queries_per_iteration", "reward_model", b"reward_model", "sampling", b"sampling", "search_backend", b"search_backend", "seed", b"seed", "target_uri", b"target_uri", "vocabulary", b"vocabulary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__images_per_query: _TypeAlias = _typing.Literal["images_per_query"]  # noqa: Y015
+    _WhichOneofArgType__images_per_query: _TypeAlias = _typing.Literal["_images_per_query", b"_images_per_query"]  # noqa: Y015
+    _WhichOneofReturnType__iterations: _TypeAlias = _typing.Literal["iterations"]  # noqa: Y015
+    _WhichOneofArgType__iterations: _TypeAlias = _typing.Literal["_iterations", b"_iterations"]  # noqa: Y015
+    _WhichOneofReturnType__queries_per_iteration: _TypeAlias = _typing.Literal["queries_per_iteration"]  # noqa: Y015
+    _WhichOneofArgType__queries_per_iteration: _TypeAlias = _typing.Literal["_queries_per_iteration", b"_queries_per_iteration"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__images_per_query) -> _WhichOneofReturnType__images_per_query | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__iterations) -> _WhichOneofReturnType__iterations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queries_per_iteration) -> _WhichOneofReturnType__queries_per_iteration | None: ...
 
 Global___ExplorationSpec: _TypeAlias = ExplorationSpec  # noqa: Y015
 
@@ -745,7 +759,7 @@ class ConceptScore(_message.Message):
     uncertainty: _builtins.float
     """Standard deviation of that posterior; the sampler ranks by predicted_reward + uncertainty."""
     observed_reward: _builtins.float
-    """Mean of the observed concept rewards; NaN-free: 0 when never queried."""
+    """Mean of the observed concept rewards; unset while no query of the concept has completed."""
     times_queried: _builtins.int
     sampling_probability: _builtins.float
     name: _builtins.str
@@ -758,18 +772,20 @@ class ConceptScore(_message.Message):
         concept: _builtins.str = ...,
         predicted_reward: _builtins.float = ...,
         uncertainty: _builtins.float = ...,
-        observed_reward: _builtins.float = ...,
+        observed_reward: _builtins.float | None = ...,
         times_queried: _builtins.int = ...,
         sampling_probability: _builtins.float = ...,
         name: _builtins.str = ...,
         embedded_text: _builtins.str = ...,
         is_label: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_observed_reward", b"_observed_reward", "observed_reward", b"observed_reward"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "embedded_text", b"embedded_text", "is_label", b"is_label", "name", b"name", "observed_reward", b"observed_reward", "predicted_reward", b"predicted_reward", "sampling_probability", b"sampling_probability", "times_queried", b"times_queried", "uncertainty", b"uncertainty"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_observed_reward", b"_observed_reward", "concept", b"concept", "embedded_text", b"embedded_text", "is_label", b"is_label", "name", b"name", "observed_reward", b"observed_reward", "predicted_reward", b"predicted_reward", "sampling_probability", b"sampling_probability", "times_queried", b"times_queried", "uncertainty", b"uncertainty"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__observed_reward: _TypeAlias = _typing.Literal["observed_reward"]  # noqa: Y015
+    _WhichOneofArgType__observed_reward: _TypeAlias = _typing.Literal["_observed_reward", b"_observed_reward"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__observed_reward) -> _WhichOneofReturnType__observed_reward | None: ...
 
 Global___ConceptScore: _TypeAlias = ConceptScore  # noqa: Y015
 
