@@ -9,7 +9,8 @@ from pathlib import Path
 
 from iex.v1 import common_pb2, planner_pb2
 from services.cli.client import planner
-from services.cli.main import describe, watch
+from services.cli.defaults import exploration_spec
+from services.cli.display import describe, watch
 from services.common import settings as settings_mod
 from services.common.objectstore import ObjectStore
 from services.search import synthetic
@@ -38,17 +39,15 @@ def run_demo(args) -> int:
     store.ensure_bucket(settings.s3_bucket)
     target_uri = upload_target(store, settings.s3_bucket, "targets/demo-red-round", DEMO_TARGET_CONCEPTS)
     print(f"target: {target_uri} ({', '.join(DEMO_TARGET_CONCEPTS)})")
-    spec = planner_pb2.ExplorationSpec(
+    spec = exploration_spec(
+        args,
         display_name="demo: red round things on the generated offline web",
         target_uri=target_uri,
-        mode=common_pb2.ExplorationMode.Value(f"EXPLORATION_MODE_{args.mode.upper().replace('-', '_')}"),
         concepts=list(synthetic.CONCEPTS),
         labels=list(DEMO_TARGET_CONCEPTS) if args.mode.startswith("labels") else [],
-        iterations=args.iterations,
-        queries_per_iteration=args.queries,
-        images_per_query=args.images_per_query,
-        seed=int(time.time()) % 100_000,
     )
+    if not spec.seed:  # DEMO.seed is 0: a different sample at every run unless --seed says otherwise
+        spec.seed = int(time.time()) % 100_000
     created = stub.CreateExploration(planner_pb2.CreateExplorationRequest(spec=spec)).exploration
     print(f"exploration {created.exploration_id} created; watching (Ctrl-C stops watching, not the exploration)")
     final = watch(stub, created.exploration_id, args.json, args.timeout)

@@ -13,170 +13,50 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from iex.v1 import common_pb2, planner_pb2
+from services.cli import defaults
 from services.cli.client import Unreachable, planner
+from services.cli.display import concept_line, list_line, show, watch
 
 
-def _print(message, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
-    else:
-        print(describe(message))
-
-
-def state_name(value: int) -> str:
-    return common_pb2.ExplorationState.Name(value).removeprefix("EXPLORATION_STATE_").lower()
-
-
-def describe(message) -> str:
-    if isinstance(message, planner_pb2.Exploration):
-        e = message
-        c = e.counts
-        lines = [
-            f"exploration {e.exploration_id} [{state_name(e.state)}] iteration {e.current_iteration}/{e.spec.iterations}, "
-            f"{e.iterations_finished} finished, model {e.serving_model.name or '-'} v{e.serving_model.version}",
-            f"  queries {c.queries_issued} issued / {c.queries_crawled} crawled; images {c.images_fetched} fetched, "
-            f"{c.images_unique} stored, {c.images_duplicate} duplicates, {c.images_contaminating} contaminating, "
-            f"{c.images_invalid} invalid, {c.images_refused} refused, {c.images_scored} scored",
-        ]
-        for it in e.iterations:
-            phase = common_pb2.IterationPhase.Name(it.phase).removeprefix("ITERATION_PHASE_").lower()
-            lines.append(
-                f"  iteration {it.iteration} [{phase}]: {it.counts.images_scored} scored, mean concept reward "
-                f"{it.mean_concept_reward:.3f} (max {it.max_concept_reward:.3f}), scored with v{it.scored_with.version}, "
-                f"trained v{it.trained_model.version}"
-                + (f", k-NN {it.knn_top1:.3f}, linear probe {it.linear_probe_top1:.3f} on {it.eval_images} images" if it.eval_images else "")
-            )
-        before = e.initial_evaluation
-        if before.eval_images:
-            lines.append(
-                f"  initial encoder v{before.model.version}: k-NN {before.knn_top1:.3f}, linear probe {before.linear_probe_top1:.3f} on {before.eval_images} images"
-            )
-        if e.error:
-            lines.append(f"  error: {e.error}")
-        return "\n".join(lines)
-    return str(message)
+def _names(text: str | None) -> list[str]:
+    return [c.strip() for c in (text or "").split(",") if c.strip()]
 
 
 def cmd_create(args) -> int:
-    spec = planner_pb2.ExplorationSpec(
+    # Without concepts the planner's default vocabulary (the WordNet nouns unless configured otherwise).
+    spec = defaults.exploration_spec(
+        args,
         display_name=args.name or "",
         target_uri=args.target,
-        mode=common_pb2.ExplorationMode.Value(f"EXPLORATION_MODE_{args.mode.upper().replace('-', '_')}"),
-        concepts=[c.strip() for c in (args.concepts or "").split(",") if c.strip()],
-        labels=[c.strip() for c in (args.labels or "").split(",") if c.strip()],
-        seed=args.seed,
-        # Set only when given: unset is the planner's default, and a value given must be >= 1.
-        **{field: value for field, value in (("iterations", args.iterations), ("queries_per_iteration", args.queries), ("images_per_query", args.images_per_query)) if value is not None},
+        concepts=_names(args.concepts),
+        labels=_names(args.labels),
     )
     response = planner(args.planner).CreateExploration(planner_pb2.CreateExplorationRequest(spec=spec, exploration_id=args.id or ""))
-    _print(response.exploration, args.json)
+    show(response.exploration, args.json)
     return 0
 
 
 def cmd_status(args) -> int:
     response = planner(args.planner).GetExploration(planner_pb2.GetExplorationRequest(exploration_id=args.exploration_id))
-    _print(response.exploration, args.json)
+    show(response.exploration, args.json)
     return 0
 
 
 def cmd_list(args) -> int:
     response = planner(args.planner).ListExplorations(planner_pb2.ListExplorationsRequest(page_size=args.limit))
     if args.json:
-        _print(response, True)
+        show(response, True)
     else:
         for e in response.explorations:
-            print(f"{e.exploration_id}  {state_name(e.state):10s} iteration {e.current_iteration}/{e.spec.iterations}  {e.spec.target_uri}")
+            print(list_line(e))
     return 0
-
-
-def status_line(e: planner_pb2.Exploration) -> str:
-    c = e.counts
-    it = e.iterations[-1] if e.iterations else None
-    phase = common_pb2.IterationPhase.Name(it.phase).removeprefix("ITERATION_PHASE_").lower() if it else "-"
-    return (
-        f"{state_name(e.state):9s} iteration {e.current_iteration}/{e.spec.iterations} ({phase}) "
-        f"queries {c.queries_crawled}/{c.queries_issued} fetched {c.images_fetched} stored {c.images_unique} "
-        f"dup {c.images_duplicate} refused {c.images_refused} scored {c.images_scored} model v{e.serving_model.version}"
-        + (f" - {e.detail}" if e.detail else "")
-    )
-
-
-class _Progress:
-    """Live status with rich on a terminal: one bar for the iterations, one for the current
-    iteration's queries; plain timestamped lines when the output is not a terminal."""
-
-    def __init__(self) -> None:
-        self.progress = None
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-            self.iterations = self.progress.add_task("iterations", total=1, info="")
-            self.queries = self.progress.add_task("queries", total=1, info="")
-        self.last_line = ""
-        self.last_key: tuple = ()
-        self.last_print = 0.0
-
-    def __enter__(self):
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, e: planner_pb2.Exploration) -> None:
-        if self.progress is None:
-            # A line when the state, iteration or phase changes, else at most one every 10 s.
-            line = status_line(e)
-            key = (e.state, e.current_iteration, tuple(it.phase for it in e.iterations), e.detail)
-            if line != self.last_line and (key != self.last_key or time.monotonic() - self.last_print >= 10.0):
-                print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-                self.last_line, self.last_key, self.last_print = line, key, time.monotonic()
-            return
-        c = e.counts
-        it = e.iterations[-1] if e.iterations else None
-        self.progress.update(self.iterations, total=max(1, e.spec.iterations), completed=e.iterations_finished, info=f"[{state_name(e.state)}] {e.detail}")
-        if it is not None:
-            ic = it.counts
-            phase = common_pb2.IterationPhase.Name(it.phase).removeprefix("ITERATION_PHASE_").lower()
-            self.progress.update(
-                self.queries,
-                description=f"iteration {it.iteration} {phase}",
-                total=max(1, e.spec.queries_per_iteration),
-                completed=ic.queries_crawled,
-                info=f"fetched {ic.images_fetched} stored {ic.images_unique} dup {ic.images_duplicate} scored {ic.images_scored} | total stored {c.images_unique}",
-            )
-
-
-def watch(stub, exploration_id: str, as_json: bool, timeout_s: float | None = None) -> planner_pb2.Exploration:
-    last = None
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    stream = stub.WatchExploration(planner_pb2.WatchExplorationRequest(exploration_id=exploration_id), timeout=timeout_s)
-    try:
-        with _Progress() if not as_json else contextlib.nullcontext() as progress:
-            for update in stream:
-                last = update.exploration
-                if as_json:
-                    print(json.dumps(MessageToDict(last, preserving_proto_field_name=True), sort_keys=True), flush=True)
-                else:
-                    progress.update(last)
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-    return last
 
 
 def cmd_watch(args) -> int:
@@ -184,24 +64,10 @@ def cmd_watch(args) -> int:
     return 0 if last is not None and last.state == common_pb2.EXPLORATION_STATE_SUCCEEDED else 1
 
 
-def observed_text(c: planner_pb2.ConceptScore) -> str:
-    """The observed reward, or why there is none: never queried, or queried and not yet observed."""
-    if c.HasField("observed_reward"):
-        return f"observed={c.observed_reward:.3f}"
-    return "never queried" if c.times_queried == 0 else "not observed yet"
-
-
-def concept_line(c: planner_pb2.ConceptScore) -> str:
-    return (
-        f"{c.concept:40s} p={c.sampling_probability:.4f} predicted={c.predicted_reward:.3f}±{c.uncertainty:.3f} "
-        f"{observed_text(c)}" + (f", queried {c.times_queried}x" if c.times_queried else "")
-    )
-
-
 def cmd_top(args) -> int:
     response = planner(args.planner).TopConcepts(planner_pb2.TopConceptsRequest(exploration_id=args.exploration_id, limit=args.limit))
     if args.json:
-        _print(response, True)
+        show(response, True)
     else:
         for c in response.concepts:
             print(concept_line(c))
@@ -214,7 +80,7 @@ def cmd_lifecycle(args) -> int:
         exploration_id=args.exploration_id
     )
     method = {"pause": stub.PauseExploration, "resume": stub.ResumeExploration, "cancel": stub.CancelExploration}[args.command]
-    _print(method(request).exploration, args.json)
+    show(method(request).exploration, args.json)
     return 0
 
 
@@ -286,10 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
 
     demo = sub.add_parser("demo", help="quick loop on the generated (synthetic) offline web with a generated target")
-    demo.add_argument("--iterations", type=int, default=1)
-    demo.add_argument("--queries", type=int, default=8)
-    demo.add_argument("--images-per-query", type=int, default=8)
-    demo.add_argument("--mode", default="random", choices=["ie", "random", "labels", "labels-only"])
+    defaults.add_exploration_arguments(demo, defaults.DEMO)
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the exploration")
     demo.add_argument("--out", default="reports", help="where the report is written")
     demo.set_defaults(func=cmd_demo)
@@ -302,15 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     explore = sub.add_parser("explore", help="explorations")
     esub = explore.add_subparsers(dest="command", required=True)
-    create = esub.add_parser("create")
+    create = esub.add_parser("create", help="create an exploration (the same defaults as `iex run`, docs/cli.md)")
     create.add_argument("--target", required=True, help="s3://bucket/prefix with train/ images")
-    create.add_argument("--mode", default="ie", choices=["ie", "random", "labels", "labels-only"])
-    create.add_argument("--concepts", help="comma-separated vocabulary (default: the planner's)")
+    create.add_argument("--concepts", help="comma-separated vocabulary (default: the planner's, the WordNet nouns)")
     create.add_argument("--labels", help="comma-separated class names for the label-guided modes")
-    create.add_argument("--iterations", type=int, default=None)
-    create.add_argument("--queries", type=int, default=None)
-    create.add_argument("--images-per-query", type=int, default=None)
-    create.add_argument("--seed", type=int, default=0)
+    defaults.add_exploration_arguments(create)
     create.add_argument("--name")
     create.add_argument("--id")
     create.set_defaults(func=cmd_create)

@@ -22,18 +22,8 @@ import grpc
 
 from iex.v1 import common_pb2, planner_pb2, search_pb2, search_pb2_grpc
 from services.cli.client import Unreachable, planner
-
-DEFAULT_BRANCH = "food/fruit"
-# Sized so that the whole job (after setup, data and the one-off vocabulary embeddings) finishes in
-# under 20 minutes on a 2-core CPU; see docs/cli.md for the measured run.
-DEFAULT_ITERATIONS = 3
-DEFAULT_QUERIES = 24
-DEFAULT_IMAGES_PER_QUERY = 16
-DEFAULT_IMAGE_SIZE = 96
-DEFAULT_INIT = "efficientnet-lite0"
-# The trainer's per-iteration work on a stack this job starts (a user's IEX_TRAINER_* values win):
-# 10 MoCo-v3 steps of 32 images (two views each) is what a shared 2-core CPU trains in ~2 minutes.
-TRAINER_ENV = {"IEX_TRAINER_MAX_STEPS": "10", "IEX_TRAINER_BATCH_SIZE": "32"}
+from services.cli.defaults import DEFAULT_BRANCH, EXPLORATION, add_exploration_arguments, exploration_spec
+from services.cli.display import describe, watch
 
 
 class MainJobError(RuntimeError):
@@ -131,7 +121,7 @@ def ensure_stack(address: str | None, corpus_dir: Path) -> None:
     _say("preparing the search index (once) ...")
     prepare_search_index(corpus_dir)
     os.environ["IEX_SEARCH_CORPUS_DIR"] = str(corpus_dir)
-    for key, value in TRAINER_ENV.items():
+    for key, value in EXPLORATION.trainer_env.items():
         os.environ.setdefault(key, value)
     _say(
         f"starting the local stack (search over {corpus_dir}; trainer: {os.environ['IEX_TRAINER_MAX_STEPS']} steps of "
@@ -179,7 +169,6 @@ def check_search_corpus(expected_images: int, corpus_dir: Path, timeout_s: float
 
 
 def run_main_job(args: argparse.Namespace) -> int:
-    from services.cli.main import describe, watch
     from services.cli.report import write_report
     from services.common import settings as settings_mod
     from services.common.objectstore import ObjectStore
@@ -200,18 +189,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     target_uri, uploaded = upload_target(target_path, f"s3://{settings.s3_bucket}/targets/{branch_slug(args.branch)}", store)
     _say(f"target: Tux Paint photos of {args.branch} -> {target_uri} ({uploaded} objects)")
 
-    spec = planner_pb2.ExplorationSpec(
-        display_name=f"main job: {args.branch} on the offline web",
-        target_uri=target_uri,
-        mode=common_pb2.ExplorationMode.Value(f"EXPLORATION_MODE_{args.mode.upper().replace('-', '_')}"),
-        vocabulary="wordnet",
-        iterations=args.iterations,
-        queries_per_iteration=args.queries,
-        images_per_query=args.images_per_query,
-        init=args.init,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    spec = exploration_spec(args, display_name=f"main job: {args.branch} on the offline web", target_uri=target_uri, vocabulary="wordnet")
     if args.mode.startswith("labels"):
         import json
 
@@ -239,13 +217,7 @@ def run_main_job(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     run = sub.add_parser("run", help="the main job: offline web + Tux Paint target, one exploration, report (starts the stack if needed)")
     run.add_argument("--branch", default=DEFAULT_BRANCH, help=f"Tux Paint branch used as the target (default {DEFAULT_BRANCH})")
-    run.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
-    run.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="queries per iteration")
-    run.add_argument("--images-per-query", type=int, default=DEFAULT_IMAGES_PER_QUERY)
-    run.add_argument("--mode", default="ie", choices=["ie", "random", "labels", "labels-only"])
-    run.add_argument("--init", default=DEFAULT_INIT, help="encoder initialisation: efficientnet-lite0, random or s3://bucket/key")
-    run.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    run.add_argument("--seed", type=int, default=1)
+    add_exploration_arguments(run, EXPLORATION)
     run.add_argument("--id", help="exploration id (default: <branch>-<date-time>)")
     run.add_argument("--data-dir", help="offline web directory (default $IEX_DATA_DIR or ~/.cache/iex/offline-web)")
     run.add_argument("--no-build", action="store_true", help="fail instead of building the offline web when it is missing")

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from iex.v1 import common_pb2, planner_pb2
+from services.cli.display import observed_reward
 from services.common.objectstore import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -444,7 +445,7 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
         "eval_labels": len((target or {}).get("labels", {})) or None,
         "iterations": per_iteration,
         "top_concepts_now": [
-            {"concept": t.concept, "sampling_probability": float(t.sampling_probability), "observed_reward": float(t.observed_reward), "predicted_reward": float(t.predicted_reward), "uncertainty": float(t.uncertainty), "times_queried": t.times_queried}
+            {"concept": t.concept, "sampling_probability": float(t.sampling_probability), "observed_reward": observed_reward(t), "predicted_reward": float(t.predicted_reward), "uncertainty": float(t.uncertainty), "times_queried": t.times_queried}
             for t in (top_now.concepts if top_now is not None else [])
         ],
         "plots": [name for name, _ in plots],
@@ -510,7 +511,8 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
     if numbers["top_concepts_now"]:
         lines += ["## The planner's ranking now (TopConcepts)", "", "| concept | p | observed | predicted | queried |", "|---|---|---|---|---|"]
         for t in numbers["top_concepts_now"]:
-            lines.append(f"| {t['concept']} | {t['sampling_probability']:.4f} | {t['observed_reward']:.3f} | {t['predicted_reward']:.3f} ± {t['uncertainty']:.3f} | {t['times_queried']} |")
+            observed = f"{t['observed_reward']:.3f}" if t["observed_reward"] is not None else ("never queried" if not t["times_queried"] else "not observed yet")
+            lines.append(f"| {t['concept']} | {t['sampling_probability']:.4f} | {observed} | {t['predicted_reward']:.3f} ± {t['uncertainty']:.3f} | {t['times_queried']} |")
         lines.append("")
     lines += ["Numbers: [report.json](report.json) (made by `iex report`, from the planner's API and the objects in S3).", ""]
     path = out / "report.md"

@@ -52,9 +52,9 @@ MODES = {
 
 @dataclass(frozen=True)
 class PlannerSettings(ServiceSettings):
-    planner_default_iterations: int = setting(40, help="iterations when a request leaves spec.iterations at 0 (paper: ~40)", minimum=1)
-    planner_default_queries: int = setting(256, help="queries per iteration by default (paper: 256)", minimum=1)
-    planner_default_images_per_query: int = setting(100, help="search results per query by default (paper: 100)", minimum=1)
+    planner_default_iterations: int = setting(40, help="iterations when a request leaves spec.iterations unset (paper: ~40)", minimum=1)
+    planner_default_queries: int = setting(256, help="queries per iteration when spec.queries_per_iteration is unset (paper: 256)", minimum=1)
+    planner_default_images_per_query: int = setting(100, help="search results per query when spec.images_per_query is unset (paper: 100)", minimum=1)
     planner_default_backend: str = setting("local", help="search backend by default")
     planner_search_backends: tuple[str, ...] = setting(("local", "clip-retrieval"), help="backend names the crawler knows, comma separated")
     planner_default_init: str = setting("random", help="encoder initialisation by default")
