@@ -14,6 +14,7 @@ so the replay buffer and the training set are unambiguous whatever bucket an ima
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -38,6 +39,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 DEFAULT_MAX_PIXELS = 64_000_000
 
 EXPLORATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+# <target>/train_labels.json: the labels of the target's train split, read by the evaluation only
+# (services.offlineweb.targets.TRAIN_LABELS_FILE; the trainer does not import the offline-web tooling).
+TRAIN_LABELS_FILE = "train_labels.json"
 
 
 def replay_key(exploration_id: str) -> str:
@@ -80,6 +85,8 @@ class IterationManifest:
     replay: tuple[str, ...]
     target_train: tuple[str, ...]
     target_eval: tuple[LabelledImage, ...] = ()
+    # s3://bucket/prefix of the target (where its train_labels.json lives); "" when unknown.
+    target_uri: str = ""
 
     @classmethod
     def parse(cls, doc: Any, default_bucket: str) -> "IterationManifest":
@@ -114,14 +121,28 @@ class IterationManifest:
                 evaluation.append(LabelledImage(qualify(entry["key"], target_bucket), entry["label"]))
             except ValueError as exc:
                 raise ValueError(f"target_eval: {exc}") from None
+        target_train = references("target_train", target_bucket)
+        target_uri = doc.get("target_uri") or _target_uri_of(target_train)
+        if not isinstance(target_uri, str) or (target_uri and not target_uri.startswith("s3://")):
+            raise ValueError("target_uri: expected s3://bucket/prefix")
         return cls(
             exploration_id=exploration_id,
             iteration=iteration,
             candidates=references("candidates", images_bucket),
             replay=references("replay", images_bucket, required=False),
-            target_train=references("target_train", target_bucket),
+            target_train=target_train,
             target_eval=tuple(evaluation),
+            target_uri=target_uri.rstrip("/"),
         )
+
+
+def _target_uri_of(train: Sequence[str]) -> str:
+    """The target of manifests written before they named it: the one prefix every train image
+    sits under (s3://bucket/prefix/train/...), else ""."""
+    if not train or not all("/train/" in reference for reference in train):
+        return ""
+    prefixes = {reference.rpartition("/train/")[0] for reference in train}
+    return prefixes.pop() if len(prefixes) == 1 else ""
 
 
 def _bucket(doc: dict[str, Any], name: str, default: str) -> str:
@@ -292,6 +313,39 @@ def list_target_eval(store: ObjectStore, target_uri: str, limit: int) -> list[La
         label, _, name = key[len(eval_prefix) :].partition("/")
         if label and name:
             found.append(LabelledImage(f"s3://{bucket}/{key}", label))
+    return spread(found, limit)
+
+
+def read_train_labels(store: ObjectStore, target_uri: str, limit: int = 0) -> list[LabelledImage] | None:
+    """The labelled images of the target's train split, from `<target_uri>/train_labels.json`
+    (`{"labels": {"train/<file>": label}}`), at most `limit` (0: all), spread evenly over the
+    images sorted by label so every class keeps its share; None when the target has no such file.
+
+    For evaluation only (the k-NN memory bank and the linear probe are fitted on them): training
+    reads the train split as unlabelled images and never calls this. A name outside `train/` (an
+    eval image above all) or a label that is not a non-empty string makes the file invalid
+    (ValueError), never half-read."""
+    bucket, prefix = parse_s3_uri(target_uri)
+    key = f"{prefix}/{TRAIN_LABELS_FILE}" if prefix else TRAIN_LABELS_FILE
+    raw = store.get_or_none(bucket, key)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{key}: not JSON ({exc})") from None
+    labels = doc.get("labels") if isinstance(doc, dict) else None
+    if not isinstance(labels, dict):
+        raise ValueError(f'{key}: expected {{"labels": {{"train/<file>": label}}}}')
+    found = []
+    for name, label in labels.items():
+        parts = name.split("/") if isinstance(name, str) else []
+        if len(parts) < 2 or parts[0] != "train" or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"{key}: {str(name)[:80]!r} is not an image of the train split (train/<file>)")
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"{key}: the label of {name!r} is not a non-empty string")
+        found.append(LabelledImage(f"s3://{bucket}/{prefix}/{name}" if prefix else f"s3://{bucket}/{name}", label))
+    found.sort(key=lambda item: (item.label, item.key))
     return spread(found, limit)
 
 

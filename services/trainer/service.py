@@ -5,7 +5,8 @@ weights, or a checkpoint from S3). IterationFinished(n) -> the latest checkpoint
 iteration's images -> version n + 1. Each version is a checkpoint in S3
 (`checkpoints/<exploration>/v<version>.pt`, its summary in the object's metadata), an ONNX export
 in the Triton model repository (model `enc_<exploration id>`) and a ModelPublished event (plus an
-EvaluationFinished when the target has a labelled split), in that order. The checkpoint is the
+EvaluationFinished when the target has a labelled split, its per-image record in
+`evaluations/<exploration>/v<version>.json`, written before the checkpoint), in that order. The checkpoint is the
 idempotence record: once it exists the version is never trained again; a redelivered event
 re-exports the version if the repository lacks it and republishes the same events.
 
@@ -27,11 +28,11 @@ import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import grpc
 import torch
@@ -95,9 +96,9 @@ class TrainerSettings(ServiceSettings):
     trainer_max_train_images: int = setting(0, help="cap on an iteration's training set; 0 means batch * max_steps when steps are capped, else none", minimum=0)
     trainer_checkpoint_every_steps: int = setting(0, help="mid-run checkpoint every N steps; 0 disables", minimum=0)
     trainer_checkpoint_every_seconds: float = setting(600.0, help="mid-run checkpoint when this many seconds passed since the last; 0 disables", minimum=0.0)
-    trainer_eval_max_images: int = setting(2000, help="cap on labelled target images used for evaluation; 0 disables evaluation", minimum=0)
+    trainer_eval_max_images: int = setting(2000, help="cap on the labelled target images of each split used for evaluation (test images of eval/, labelled train images of train_labels.json), spread over the classes; 0 disables evaluation", minimum=0)
     trainer_knn_k: int = setting(20, help="neighbours of the k-NN evaluation", minimum=1)
-    trainer_linear_probe: bool = setting(True, help="also evaluate with a cross-validated linear probe on the labelled split")
+    trainer_linear_probe: bool = setting(True, help="also evaluate with a linear probe (fitted on the labelled train split; cross-validated within eval/ for a target without train labels)")
     trainer_max_batch_size: int = setting(64, help="max_batch_size of the Triton model config", minimum=1)
 
     def __post_init__(self) -> None:
@@ -178,6 +179,11 @@ def running_checkpoint_key(exploration_id: str, version: int) -> str:
     return f"checkpoints/{exploration_id}/v{version}-running.pt"
 
 
+def evaluation_key(exploration_id: str, version: int) -> str:
+    """The evaluation record of a version: per test image, k-NN and probe correctness."""
+    return f"evaluations/{exploration_id}/v{version}.json"
+
+
 def run_seed(seed: int, iteration: int) -> int:
     """Independent, reproducible seed of one iteration's run."""
     digest = hashlib.sha256(f"{seed}:{iteration}".encode()).digest()
@@ -200,6 +206,14 @@ class VersionSummary:
     knn_top1: float = -1.0  # -1: not evaluated
     eval_images: int = 0
     linear_probe_top1: float = -1.0  # -1: not evaluated
+    # How it was evaluated (Evaluation's fields); "" for versions evaluated before protocols existed.
+    eval_protocol: str = ""
+    eval_train_images: int = 0
+    eval_classes: int = 0
+    eval_measurable: bool = False
+    eval_reason: str = ""
+    eval_detectable: float = 0.0
+    eval_record: str = ""
 
     @property
     def model_name(self) -> str:
@@ -220,6 +234,14 @@ class VersionSummary:
             "knn-top1": repr(float(self.knn_top1)),
             "eval-images": str(self.eval_images),
             "linear-probe-top1": repr(float(self.linear_probe_top1)),
+            "eval-protocol": self.eval_protocol,
+            "eval-train-images": str(self.eval_train_images),
+            "eval-classes": str(self.eval_classes),
+            "eval-measurable": "true" if self.eval_measurable else "false",
+            # S3 metadata travels as HTTP headers: printable ASCII only.
+            "eval-reason": self.eval_reason.encode("ascii", "replace").decode()[:240],
+            "eval-detectable": repr(float(self.eval_detectable)),
+            "eval-record": self.eval_record,
         }
 
     @classmethod
@@ -236,18 +258,61 @@ class VersionSummary:
                 image_size=int(metadata["image-size"]),
                 knn_top1=float(metadata["knn-top1"]),
                 eval_images=int(metadata["eval-images"]),
-                # Versions written before the linear probe existed have no such entry.
+                # Versions written before the linear probe (or the evaluation protocols) existed have no such entries.
                 linear_probe_top1=float(metadata.get("linear-probe-top1", -1.0)),
+                eval_protocol=metadata.get("eval-protocol", ""),
+                eval_train_images=int(metadata.get("eval-train-images", 0)),
+                eval_classes=int(metadata.get("eval-classes", 0)),
+                eval_measurable=metadata.get("eval-measurable", "false") == "true",
+                eval_reason=metadata.get("eval-reason", ""),
+                eval_detectable=float(metadata.get("eval-detectable", 0.0)),
+                eval_record=metadata.get("eval-record", ""),
             )
         except (KeyError, ValueError):
             return None
+
+
+PROTOCOL_TRAIN_TEST = "train->test"  # the paper's: fitted on the labelled train split, scored on eval/
+PROTOCOL_EVAL_SPLIT_CV = "eval-split-cv"  # fallback without train labels: leave-one-out / k-fold inside eval/
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The labelled images a version is evaluated on: the test split (eval/<label>/) and the
+    labelled train split (train_labels.json; None when the target has none)."""
+
+    test: tuple[data.LabelledImage, ...] = ()
+    train: tuple[data.LabelledImage, ...] | None = None
+    target_uri: str = ""
 
 
 @dataclass(frozen=True)
 class Evaluation:
     knn_top1: float = -1.0
     linear_probe_top1: float = -1.0
-    images: int = 0
+    images: int = 0  # test images scored
+    protocol: str = ""
+    train_images: int = 0
+    classes: int = 0
+    measurable: bool = False
+    reason: str = ""  # why not measurable
+    detectable_difference: float = 0.0
+    record: dict | None = None  # the evaluation record (per test image), stored in S3 with the version
+
+    def summary_fields(self, record_key: str) -> dict:
+        """VersionSummary's evaluation fields."""
+        return {
+            "knn_top1": self.knn_top1,
+            "eval_images": self.images,
+            "linear_probe_top1": self.linear_probe_top1,
+            "eval_protocol": self.protocol,
+            "eval_train_images": self.train_images,
+            "eval_classes": self.classes,
+            "eval_measurable": self.measurable,
+            "eval_reason": self.reason,
+            "eval_detectable": self.detectable_difference if math.isfinite(self.detectable_difference) else 0.0,
+            "eval_record": record_key,
+        }
 
 
 class TrainerService(Service):
@@ -272,7 +337,9 @@ class TrainerService(Service):
         self._last_published: VersionSummary | None = None
         self._process_steps = 0
         self._last_loss = 0.0
-        self._eval_cache: OrderedDict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor]] = OrderedDict()
+        # (exploration, split) -> (references asked for, decoded pixels, references decoded): the
+        # labelled images do not change between an exploration's iterations.
+        self._eval_cache: OrderedDict[tuple[str, str], tuple[tuple[str, ...], torch.Tensor, list[str]]] = OrderedDict()
         self._gpu = gpu.GpuMonitor(self.device)
         self._last_gpu_sample = 0.0
 
@@ -295,7 +362,7 @@ class TrainerService(Service):
         self.m_checkpoints = m.counter("checkpoints_written_total", "Checkpoints written to S3", ["kind"])
         self.m_resumed = m.counter("runs_resumed_total", "Runs continued from a mid-run checkpoint")
         self.m_knn = m.gauge("eval_knn_top1_ratio", "k-NN top-1 accuracy of the last evaluated version")
-        self.m_probe = m.gauge("eval_linear_probe_top1_ratio", "Linear-probe top-1 accuracy (cross-validated) of the last evaluated version")
+        self.m_probe = m.gauge("eval_linear_probe_top1_ratio", "Linear-probe top-1 accuracy of the last evaluated version")
         self.m_redeliveries = m.counter("redelivered_total", "Events whose version already existed (republished, not retrained)", ["topic"])
         self.m_busy = m.gauge("busy", "1 while a version is being produced")
         self.m_device = m.gauge("device_info", "Torch device of the trainer (value 1)", ["device"])
@@ -349,8 +416,7 @@ class TrainerService(Service):
                 state = EncoderState.create(config, self.device, initial=initial)
             except InitError as exc:
                 raise PermanentError(exc.reason, exc.detail[:300]) from exc
-            labelled = self._initial_eval_set(event.target_uri)
-            scores = self._evaluate(exploration_id, state, labelled)
+            scores = self._evaluate(exploration_id, state, self._eval_set(event.target_uri))
             summary = VersionSummary(
                 exploration_id=exploration_id,
                 version=INITIAL_VERSION,
@@ -360,9 +426,7 @@ class TrainerService(Service):
                 global_step=0,
                 embedding_dim=state.config.embedding_dim,
                 image_size=state.config.image_size,
-                knn_top1=scores.knn_top1,
-                eval_images=scores.images,
-                linear_probe_top1=scores.linear_probe_top1,
+                **scores.summary_fields(self._store_evaluation(exploration_id, INITIAL_VERSION, 0, scores)),
             )
             self._commit_version(state, summary)
             self.m_iterations.labels(kind="initial").inc()
@@ -421,7 +485,7 @@ class TrainerService(Service):
             del base
             state, result = outcome.state, outcome.result
             state.iteration = iteration
-            scores = self._evaluate(exploration_id, state, list(manifest.target_eval))
+            scores = self._evaluate(exploration_id, state, self._eval_set(manifest.target_uri, manifest.target_eval))
             summary = VersionSummary(
                 exploration_id=exploration_id,
                 version=version,
@@ -431,9 +495,7 @@ class TrainerService(Service):
                 global_step=state.global_step,
                 embedding_dim=state.config.embedding_dim,
                 image_size=state.config.image_size,
-                knn_top1=scores.knn_top1,
-                eval_images=scores.images,
-                linear_probe_top1=scores.linear_probe_top1,
+                **scores.summary_fields(self._store_evaluation(exploration_id, version, iteration, scores)),
             )
             self._commit_version(state, summary)
             # The version is the record now; its mid-run checkpoint has served.
@@ -456,6 +518,8 @@ class TrainerService(Service):
                     "skipped": str(outcome.loader_stats.skipped),
                     "knn_top1": round(scores.knn_top1, 4) if scores.images else None,
                     "linear_probe_top1": round(scores.linear_probe_top1, 4) if scores.linear_probe_top1 >= 0 else None,
+                    "eval_protocol": scores.protocol or None,
+                    "eval_measurable": scores.measurable if scores.images else None,
                 },
             )
 
@@ -628,6 +692,13 @@ class TrainerService(Service):
                     linear_probe_top1=max(0.0, summary.linear_probe_top1),
                     eval_images=summary.eval_images,
                     evaluated_at=now_timestamp(),
+                    protocol=summary.eval_protocol,
+                    train_images=summary.eval_train_images,
+                    classes=summary.eval_classes,
+                    measurable=summary.eval_measurable,
+                    not_measurable_reason=summary.eval_reason,
+                    detectable_difference=summary.eval_detectable,
+                    record_key=summary.eval_record,
                 ),
                 key=summary.exploration_id,
             )
@@ -707,50 +778,124 @@ class TrainerService(Service):
         return s.trainer_max_steps * s.trainer_batch_size if s.trainer_max_steps else 0
 
     # ---- evaluation --------------------------------------------------------------------------
-    def _initial_eval_set(self, target_uri: str) -> list[data.LabelledImage]:
-        if not target_uri or not self.settings.trainer_eval_max_images:
-            return []
-        try:
-            return data.list_target_eval(self.store, target_uri, self.settings.trainer_eval_max_images)
-        except (ValueError, S3Error) as exc:
-            # The initial encoder must not wait on an unreadable target: it is only evaluated.
-            log.warning("target not evaluable", extra={"target_uri": target_uri, "error": str(exc)})
-            return []
-
-    def _evaluate(self, exploration_id: str, state: EncoderState, labelled: list[data.LabelledImage]) -> Evaluation:
-        """k-NN and linear-probe accuracy on the labelled split; Evaluation() when there is
-        nothing to evaluate on."""
+    def _eval_set(self, target_uri: str, test: Sequence[data.LabelledImage] | None = None) -> EvalSet:
+        """The test split (`test`, else listed under <target_uri>/eval/) and the labelled train split
+        (<target_uri>/train_labels.json), each capped at IEX_TRAINER_EVAL_MAX_IMAGES."""
         limit = self.settings.trainer_eval_max_images
-        labelled = data.spread(labelled, limit) if limit else []
-        if len(labelled) < 2:
-            return Evaluation()
-        pixels, labels = self._eval_images(exploration_id, state.config.image_size, labelled)
-        if pixels.shape[0] < 2:
-            return Evaluation()
-        features = evaluation.embed(state.backbone, pixels, state.config.mean, state.config.std, self.device)
-        knn = evaluation.knn_top1(features, labels, k=self.settings.trainer_knn_k)
-        probe = evaluation.linear_probe_top1(features, labels) if self.settings.trainer_linear_probe else -1.0
-        return Evaluation(float(knn), float(probe), int(pixels.shape[0]))
+        if not limit or (not target_uri and test is None):
+            return EvalSet()
+        if test is None:
+            try:
+                test = data.list_target_eval(self.store, target_uri, limit)
+            except (ValueError, S3Error) as exc:
+                # The initial encoder must not wait on an unreadable target: it is only evaluated.
+                log.warning("target not evaluable", extra={"target_uri": target_uri, "error": str(exc)})
+                return EvalSet()
+        test = tuple(data.spread(list(test), limit))
+        train = None
+        if target_uri and test:
+            try:
+                labelled = data.read_train_labels(self.store, target_uri, limit)
+                train = tuple(labelled) if labelled is not None else None
+            except (ValueError, S3Error) as exc:
+                log.warning("train labels unreadable; evaluating within the eval split", extra={"target_uri": target_uri, "error": str(exc)[:300]})
+        if train is not None:
+            # Never a test image among the fitted ones, whatever the file says.
+            test_keys = {item.key for item in test}
+            train = tuple(item for item in train if item.key not in test_keys)
+        return EvalSet(test, train or None, target_uri)
 
-    def _eval_images(self, exploration_id: str, image_size: int, labelled: list[data.LabelledImage]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded evaluation images and integer labels, cached per exploration: the labelled
-        split does not change between iterations."""
+    def _evaluate(self, exploration_id: str, state: EncoderState, eval_set: EvalSet) -> Evaluation:
+        """The paper's protocol when the target has labelled train images (k-NN memory bank and
+        linear probe fitted on them, scored on the test split), else the within-split estimates;
+        Evaluation() when there is nothing to evaluate on."""
+        s = self.settings
+        if not eval_set.test:
+            return Evaluation()
+        test_pixels, test_refs = self._labelled_pixels(exploration_id, "test", state.config.image_size, eval_set.test)
+        train_pixels, train_refs = (None, [])
+        if eval_set.train:
+            train_pixels, train_refs = self._labelled_pixels(exploration_id, "train", state.config.image_size, eval_set.train)
+        label_of = {item.key: item.label for item in eval_set.test + (eval_set.train or ())}
+        test_labels = [label_of[r] for r in test_refs]
+        train_labels = [label_of[r] for r in train_refs]
+        names = sorted(set(test_labels) | set(train_labels))
+        index = {name: i for i, name in enumerate(names)}
+        test_features = evaluation.embed(state.backbone, test_pixels, state.config.mean, state.config.std, self.device) if test_refs else None
+        record = {
+            "format": 1,
+            "exploration_id": exploration_id,
+            "target_uri": eval_set.target_uri,
+            "k": s.trainer_knn_k,
+            "classes": names,
+            "test": {"images": len(test_refs), "by_class": dict(sorted(Counter(test_labels).items())), "keys": test_refs, "labels": test_labels},
+        }
+        if train_refs and test_refs:
+            train_features = evaluation.embed(state.backbone, train_pixels, state.config.mean, state.config.std, self.device)
+            scores = evaluation.score_splits(
+                train_features,
+                torch.tensor([index[n] for n in train_labels], dtype=torch.long),
+                test_features,
+                torch.tensor([index[n] for n in test_labels], dtype=torch.long),
+                k=s.trainer_knn_k,
+                probe=s.trainer_linear_probe and len(train_refs) >= 2,
+            )
+            measure = evaluation.measurability(train_labels, test_labels)
+            knn, probe = scores.knn_top1, scores.probe_top1
+            record["test"]["knn_correct"] = [int(v) for v in scores.knn_correct.tolist()]
+            record["test"]["probe_correct"] = [int(v) for v in scores.probe_correct.tolist()] if scores.probe_correct is not None else None
+            record["train"] = {"images": len(train_refs), "by_class": dict(sorted(Counter(train_labels).items())), "keys": train_refs}
+            protocol, reason, measurable = PROTOCOL_TRAIN_TEST, measure.reason, measure.measurable
+            classes, detectable = measure.classes, measure.detectable_difference
+        elif len(test_refs) >= 2:
+            labels = torch.tensor([index[n] for n in test_labels], dtype=torch.long)
+            knn = evaluation.knn_top1(test_features, labels, k=s.trainer_knn_k)
+            probe = evaluation.linear_probe_top1(test_features, labels) if s.trainer_linear_probe else float("nan")
+            record["train"] = {"images": 0, "by_class": {}, "keys": []}
+            protocol, measurable = PROTOCOL_EVAL_SPLIT_CV, False
+            missing = "none of its labelled train images could be read" if eval_set.train else "the target has no labelled train split (train_labels.json)"
+            reason = f"{missing}: accuracies are within-split cross-validated estimates, with no paired before/after interval"
+            classes, detectable = len(set(test_labels)), evaluation.detectable_difference(len(test_refs))
+        else:
+            return Evaluation()
+        probe = float(probe) if math.isfinite(probe) else -1.0
+        record.update(
+            protocol=protocol,
+            knn_top1=float(knn),
+            linear_probe_top1=probe if probe >= 0 else None,
+            measurable=measurable,
+            not_measurable_reason=reason,
+            detectable_difference=detectable if math.isfinite(detectable) else None,
+            min_images_per_class=evaluation.MIN_IMAGES_PER_CLASS,
+        )
+        return Evaluation(float(knn), probe, len(test_refs), protocol, len(train_refs), classes, measurable, reason, detectable, record)
+
+    def _store_evaluation(self, exploration_id: str, version: int, iteration: int, scores: Evaluation) -> str:
+        """Writes the version's evaluation record (before its checkpoint, so a version that exists
+        has its record); returns its key, "" when the version was not evaluated."""
+        if scores.record is None:
+            return ""
+        key = evaluation_key(exploration_id, version)
+        record = {**scores.record, "version": version, "iteration": iteration, "model": model_name_for(exploration_id), "evaluated_at": time.time()}
+        self.store.put_json(self.settings.s3_bucket, key, record)
+        return key
+
+    def _labelled_pixels(self, exploration_id: str, split: str, image_size: int, labelled: Sequence[data.LabelledImage]) -> tuple[torch.Tensor, list[str]]:
+        """Decoded images of one labelled split and the references that decoded, cached per
+        exploration: the labelled images do not change between iterations."""
         references = tuple(item.key for item in labelled)
-        cached = self._eval_cache.get(exploration_id)
-        if cached is not None and cached[0] == references:
-            self._eval_cache.move_to_end(exploration_id)
+        cache_key = (exploration_id, split)
+        cached = self._eval_cache.get(cache_key)
+        if cached is not None and cached[0] == references and cached[1].shape[-1] == image_size:
+            self._eval_cache.move_to_end(cache_key)
             return cached[1], cached[2]
         batch = data.fetch_images(self.store, self.settings.s3_bucket, references, image_size, self.settings.trainer_fetch_workers)
         for reason, count in batch.skipped.items():
             self.m_images_skipped.labels(reason=reason).inc(count)
-        label_of = {item.key: item.label for item in labelled}
-        names = sorted({label_of[r] for r in batch.references})
-        index = {name: i for i, name in enumerate(names)}
-        labels = torch.tensor([index[label_of[r]] for r in batch.references], dtype=torch.long)
-        self._eval_cache[exploration_id] = (references, batch.pixels, labels)
-        while len(self._eval_cache) > 4:
+        self._eval_cache[cache_key] = (references, batch.pixels, batch.references)
+        while len(self._eval_cache) > 8:  # two splits of four explorations
             self._eval_cache.popitem(last=False)
-        return batch.pixels, labels
+        return batch.pixels, batch.references
 
     # ---- status ------------------------------------------------------------------------------
     @contextmanager

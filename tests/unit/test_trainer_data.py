@@ -71,6 +71,10 @@ def test_manifest_references_are_qualified_with_their_group_bucket():
     assert manifest.target_eval == (data.LabelledImage("s3://targets/flowers/eval/rose/1.png", "rose"),)
     plain = data.IterationManifest.parse(manifest_doc(images_bucket=None, target_bucket=None, target_eval=None), BUCKET)
     assert plain.candidates[0] == "s3://iex/images/aa/bb/c1" and plain.target_eval == ()
+    # The target (where its train labels live): named by the planner, else the one prefix of its train images.
+    assert manifest.target_uri == ""  # two prefixes: unknown
+    assert data.IterationManifest.parse(manifest_doc(target_uri="s3://targets/flowers/"), BUCKET).target_uri == "s3://targets/flowers"
+    assert data.IterationManifest.parse(manifest_doc(target_train=["flowers/train/1.png", "flowers/train/2.png"]), BUCKET).target_uri == "s3://targets/flowers"
 
 
 @pytest.mark.parametrize(
@@ -82,6 +86,7 @@ def test_manifest_references_are_qualified_with_their_group_bucket():
         ({"exploration_id": "bad id"}, "exploration_id"),
         ({"target_eval": [{"key": "k"}]}, "target_eval"),
         ({"candidates": ["/abs"]}, "candidates"),
+        ({"target_uri": "/local/target"}, "target_uri"),
     ],
 )
 def test_bad_manifests_name_the_field(changes, field):
@@ -186,3 +191,21 @@ def test_target_eval_listing_reads_labels_from_folders():
         data.LabelledImage("s3://targets/t/eval/tulip/1.png", "tulip"),
     ]
     assert len(data.list_target_eval(store, "s3://targets/t", limit=2)) == 2
+
+
+def test_train_labels_are_read_for_evaluation_and_only_name_train_images():
+    store = MemoryStore()
+    assert data.read_train_labels(store, "s3://targets/t") is None  # no file: the target has no train labels
+    labels = {f"train/{c}{i}.png": c for c in ("rose", "tulip") for i in range(4)}
+    store.put_json("targets", "t/train_labels.json", {"format": 1, "label_by": "folder", "labels": labels})
+    found = data.read_train_labels(store, "s3://targets/t")
+    assert [(i.key, i.label) for i in found] == sorted((f"s3://targets/t/{k}", v) for k, v in labels.items())
+    # A cap keeps every class's share (the listing is sorted by label before it is thinned).
+    assert sorted(i.label for i in data.read_train_labels(store, "s3://targets/t", limit=4)) == ["rose", "rose", "tulip", "tulip"]
+    for bad in ({"labels": {"eval/rose/1.png": "rose"}}, {"labels": {"train/../eval/x.png": "rose"}}, {"labels": {"train/x.png": ""}}, {"labels": ["train/x.png"]}, [1]):
+        store.put_json("targets", "t/train_labels.json", bad)
+        with pytest.raises(ValueError, match="train_labels.json"):
+            data.read_train_labels(store, "s3://targets/t")
+    store.put_bytes("targets", "t/train_labels.json", b"{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        data.read_train_labels(store, "s3://targets/t")

@@ -17,7 +17,7 @@ from iex.v1 import events_pb2, trainer_pb2
 from services.common import modelrepo, topics
 from services.common.errors import DependencyUnavailable, PermanentError
 from services.common.settings import SettingsError, load_service_settings
-from services.trainer import evaluation, pretrained
+from services.trainer import data, evaluation, pretrained
 from services.trainer import jobs as jobs_module
 from services.trainer.encoder import EncoderState, ModelConfig
 from services.trainer.service import TrainerService, TrainerSettings, TrainerStatusServicer, checkpoint_key, model_name_for
@@ -186,7 +186,7 @@ def created(**changes) -> events_pb2.ExplorationCreated:
     return event
 
 
-def write_manifest(store: FakeStore, iteration: int = 1, exploration: str = EXPLORATION) -> events_pb2.IterationFinished:
+def write_manifest(store: FakeStore, iteration: int = 1, exploration: str = EXPLORATION, target: str = "flowers") -> events_pb2.IterationFinished:
     key = f"explorations/{exploration}/iterations/{iteration}/manifest.json"
     store.put_json(
         BUCKET,
@@ -198,8 +198,9 @@ def write_manifest(store: FakeStore, iteration: int = 1, exploration: str = EXPL
             "candidates": [f"images/c{i}" for i in range(4)],
             "replay": ["images/c0", "images/c1"],
             "target_bucket": "targets",
-            "target_train": [f"flowers/train/{i}.png" for i in range(6)],
-            "target_eval": [{"key": f"flowers/eval/{label}/{i}.png", "label": label} for label in ("rose", "tulip") for i in range(3)],
+            "target_uri": f"s3://targets/{target}",
+            "target_train": [f"{target}/train/{i}.png" for i in range(6)],
+            "target_eval": [{"key": f"{target}/eval/{label}/{i}.png", "label": label} for label in ("rose", "tulip") for i in range(3)],
         },
     )
     return events_pb2.IterationFinished(exploration_id=exploration, iteration=iteration, manifest_key=key, candidates=4, replay_selected=2)
@@ -225,6 +226,10 @@ def test_exploration_created_publishes_version_one(trainer, store):
 
     evaluations = trainer.publisher.of(topics.EVALUATIONS)
     assert len(evaluations) == 1 and evaluations[0].eval_images == 6 and evaluations[0].iteration == 0
+    # No train_labels.json: the within-split fallback, said so, never "measurable".
+    assert (evaluations[0].protocol, evaluations[0].train_images, evaluations[0].measurable) == ("eval-split-cv", 0, False)
+    assert "train_labels.json" in evaluations[0].not_measurable_reason
+    assert store.get_json(BUCKET, evaluations[0].record_key)["protocol"] == "eval-split-cv"
 
     state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v1.pt"), torch.device("cpu"))
     assert (state.config.seed, state.config.backbone, state.iteration, state.global_step) == (7, "test_resnet", 0, 0)
@@ -315,6 +320,102 @@ def test_the_labelled_split_is_never_trained_on(trainer, store):
     loader = run[1]
     assert loader.references and not {leaked, "s3://targets/flowers/eval/tulip/1.png"} & set(loader.references)
     assert trainer.m_images_skipped.labels(reason="eval_split")._value.get() == 2
+
+
+# ---- evaluation: the paper's protocol -----------------------------------------------------------
+TRAIN_LABELS = {f"train/{i}.png": ("rose" if i < 3 else "tulip") for i in range(6)}
+TEST_KEYS = [f"s3://targets/flowers/eval/{label}/{i}.png" for label in ("rose", "tulip") for i in range(3)]
+
+
+def write_train_labels(store: FakeStore, labels=None, target: str = "flowers") -> None:
+    doc = {"format": 1, "branch": target, "label_by": "folder", "labels": TRAIN_LABELS if labels is None else labels}
+    store.put_json("targets", f"{target}/train_labels.json", doc)
+
+
+def test_evaluation_fits_on_the_labelled_train_split_and_scores_the_test_split(trainer, store):
+    write_train_labels(store)
+    trainer.handle_exploration_created(created())
+    (before,) = trainer.publisher.of(topics.EVALUATIONS)
+    assert (before.protocol, before.eval_images, before.train_images, before.classes) == ("train->test", 6, 6, 2)
+    # 2 classes with 3 images in each split; 6 test images can show a difference of 3 images (0.5).
+    assert before.measurable and before.not_measurable_reason == "" and before.detectable_difference == pytest.approx(0.5)
+    assert before.record_key == "evaluations/exp-1/v1.json"
+    record = store.get_json(BUCKET, before.record_key)
+    assert (record["protocol"], record["version"], record["iteration"], record["classes"]) == ("train->test", 1, 0, ["rose", "tulip"])
+    assert record["test"]["keys"] == TEST_KEYS and record["test"]["labels"] == ["rose"] * 3 + ["tulip"] * 3
+    train_keys = [f"s3://targets/flowers/train/{i}.png" for i in range(6)]
+    assert record["train"]["keys"] == train_keys and record["train"]["by_class"] == {"rose": 3, "tulip": 3}
+
+    # The same numbers, recomputed here from the version's weights with the paper's protocol.
+    state = EncoderState.from_bytes(store.get_bytes(BUCKET, "checkpoints/exp-1/v1.pt"), torch.device("cpu"))
+
+    def features(keys):
+        pixels = data.fetch_images(store, BUCKET, keys, 32).pixels
+        return evaluation.embed(state.backbone, pixels, state.config.mean, state.config.std, torch.device("cpu"))
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    expected = evaluation.score_splits(features(train_keys), labels, features(TEST_KEYS), labels, k=3)
+    assert record["test"]["knn_correct"] == expected.knn_correct.int().tolist()
+    assert record["test"]["probe_correct"] == expected.probe_correct.int().tolist()
+    assert before.knn_top1 == pytest.approx(expected.knn_top1) and before.linear_probe_top1 == pytest.approx(expected.probe_top1)
+
+    # Every version is scored on the same test images: before/after pair up image by image.
+    finished = write_manifest(store)
+    trainer.handle_iteration_finished(finished)
+    after = trainer.publisher.of(topics.EVALUATIONS)[-1]
+    assert (after.protocol, after.train_images, after.record_key) == ("train->test", 6, "evaluations/exp-1/v2.json")
+    assert store.get_json(BUCKET, after.record_key)["test"]["keys"] == TEST_KEYS
+
+    # A redelivery republishes the same evaluation from the checkpoint's metadata, evaluating nothing.
+    store.puts.clear()
+    trainer.handle_iteration_finished(finished)
+    again = trainer.publisher.of(topics.EVALUATIONS)[-1]
+    fields = ("protocol", "knn_top1", "linear_probe_top1", "eval_images", "train_images", "classes", "measurable", "not_measurable_reason", "detectable_difference", "record_key")
+    assert [getattr(again, f) for f in fields] == [getattr(after, f) for f in fields]
+    assert store.puts == []
+
+
+def test_train_labels_are_never_trained_on(trainer, store):
+    """Two copies of one target, one with train_labels.json: the same training set, image for image."""
+    for key, (blob, _) in list(store.objects.items()):
+        if key[0] == "targets" and key[1].startswith("flowers/"):
+            store.put_bytes("targets", "plain/" + key[1].removeprefix("flowers/"), blob)
+    write_train_labels(store)
+    for exploration, target in (("labelled", "flowers"), ("plain", "plain")):
+        trainer.handle_exploration_created(created(exploration_id=exploration, target_uri=f"s3://targets/{target}"))
+        trainer.handle_iteration_finished(write_manifest(store, exploration=exploration, target=target))
+    labelled, plain = (run[1].references for run in trainer.training_runs)
+    assert [r.replace("/flowers/", "/plain/") for r in labelled] == list(plain)
+    assert not any(r.endswith(".json") or "/eval/" in r for r in labelled)
+    protocols = [e.protocol for e in trainer.publisher.of(topics.EVALUATIONS) if e.iteration == 1]
+    assert protocols == ["train->test", "eval-split-cv"]
+
+
+def test_a_split_that_cannot_measure_says_why(trainer, store):
+    # Only roses are labelled in train: the tulips of the test split can never be classified right.
+    write_train_labels(store, {f"train/{i}.png": "rose" for i in range(6)})
+    trainer.handle_exploration_created(created())
+    (event,) = trainer.publisher.of(topics.EVALUATIONS)
+    assert event.protocol == "train->test" and not event.measurable
+    assert event.not_measurable_reason.startswith("fewer than 2 classes")
+    record = store.get_json(BUCKET, event.record_key)
+    assert record["measurable"] is False and record["not_measurable_reason"] == event.not_measurable_reason
+    assert record["test"]["knn_correct"][3:] == [0, 0, 0]  # tulips: no tulip in the memory bank
+
+    # A train_labels.json naming an eval image is refused whole: the within-split fallback, said so.
+    write_train_labels(store, {"eval/rose/0.png": "rose", **TRAIN_LABELS}, target="flowers")
+    trainer.handle_exploration_created(created(exploration_id="exp-2"))
+    assert trainer.publisher.of(topics.EVALUATIONS)[-1].protocol == "eval-split-cv"
+
+
+def test_eval_max_images_caps_each_split_keeping_every_class(tmp_path, store, monkeypatch):
+    trainer = make_trainer(tmp_path, store, monkeypatch, trainer_eval_max_images=4)
+    write_train_labels(store)
+    trainer.handle_exploration_created(created())
+    (event,) = trainer.publisher.of(topics.EVALUATIONS)
+    assert (event.eval_images, event.train_images) == (4, 4)
+    record = store.get_json(BUCKET, event.record_key)
+    assert record["test"]["by_class"] == record["train"]["by_class"] == {"rose": 2, "tulip": 2}
 
 
 def test_an_interrupted_iteration_resumes_from_its_mid_run_checkpoint(tmp_path, store, monkeypatch):
