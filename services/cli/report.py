@@ -2,7 +2,8 @@
 
 Everything comes from the planner's API (iterations, counts, concept rewards, k-NN) and the object
 store (iteration manifests with image rewards, dedup decision records with each image's source
-URL). Relevance — the share of stored images whose own concept falls under the target — needs the
+URL, the trainer's evaluation records with every test image's k-NN and probe correctness, from
+which before/after differences get their paired bootstrap interval). Relevance — the share of stored images whose own concept falls under the target — needs the
 ground truth of a generated or offline-web corpus: the corpus.jsonl the search service indexes
 (each image's synset / concept) and the target's target.json (its relevant synsets or concepts).
 """
@@ -159,6 +160,155 @@ def collect(stub, store: ObjectStore, bucket: str, exploration: planner_pb2.Expl
     return [data[n] for n in sorted(data)]
 
 
+# ---------------------------------------------------------------------------------------------
+# Representation quality: before (the initial encoder) vs after, paired on the same test images.
+
+PAIRED_PROTOCOL = "train->test"
+METRICS = (("knn", "knn_correct", "k-NN top-1"), ("linear_probe", "probe_correct", "linear probe top-1"))
+
+
+def evaluation_records(store: ObjectStore, bucket: str, exploration: planner_pb2.Exploration) -> dict[int, dict]:
+    """The trainer's evaluation record of the initial encoder (iteration 0) and of the model
+    trained on each iteration, by iteration; an iteration without one is left out."""
+    wanted = {0: (exploration.initial_evaluation.record_key, exploration.initial_evaluation.model.version or 1)}
+    for it in exploration.iterations:
+        wanted[it.iteration] = (it.evaluation.record_key, it.trained_model.version or it.evaluation.model.version)
+    records = {}
+    for iteration, (key, version) in wanted.items():
+        if not key and not version:
+            continue
+        key = key or f"evaluations/{exploration.exploration_id}/v{version}.json"
+        try:
+            record = store.get_json(bucket, key)
+        except ValueError:  # not JSON: as good as absent
+            record = None
+        if isinstance(record, dict):
+            records[iteration] = record
+    return records
+
+
+def not_comparable(before: Mapping | None, after: Mapping | None) -> str:
+    """Why two evaluation records cannot be compared image by image ("" when they can)."""
+    if before is None or after is None:
+        return "no evaluation record of " + ("the initial encoder" if before is None else "this version") + " (the trainer writes one per version)"
+    if before.get("protocol") != after.get("protocol"):
+        return f"evaluated under different protocols ({before.get('protocol')} before, {after.get('protocol')} after)"
+    if before.get("protocol") != PAIRED_PROTOCOL:
+        return before.get("not_measurable_reason") or f"protocol {before.get('protocol')!r} gives no per-image scores to pair"
+    if not before.get("measurable"):
+        return before.get("not_measurable_reason") or "the trainer found the split unable to measure"
+    return ""
+
+
+def compare(before: Mapping | None, after: Mapping | None, level: float = 0.95) -> dict:
+    """Before/after accuracies of two evaluation records with the paired bootstrap interval of
+    after - before, over the test images both scored. Never a verdict when the split cannot
+    measure: then `measurable` is False and `reason` says why, and no difference is given."""
+    reason = not_comparable(before, after)
+    out: dict = {"measurable": not reason, "reason": reason, "test_images": 0, "detectable_difference": None}
+    for name, _, _ in METRICS:
+        out[name] = None
+    if reason:
+        return out
+    from services.trainer.evaluation import detectable_difference, paired_bootstrap
+    import torch
+
+    position = {key: i for i, key in enumerate(after["test"]["keys"])}
+    pairs = [(i, position[key]) for i, key in enumerate(before["test"]["keys"]) if key in position]
+    if not pairs:
+        out.update(measurable=False, reason="the two versions share no test image")
+        return out
+    out["test_images"] = len(pairs)
+    out["detectable_difference"] = detectable_difference(len(pairs), level)
+    if len(pairs) != len(before["test"]["keys"]) or len(pairs) != len(after["test"]["keys"]):
+        out["note"] = f"paired on the {len(pairs)} test images both versions scored ({len(before['test']['keys'])} before, {len(after['test']['keys'])} after)"
+    for name, field_name, _ in METRICS:
+        a, b = before["test"].get(field_name), after["test"].get(field_name)
+        if a is None or b is None:
+            continue
+        x = torch.tensor([a[i] for i, _ in pairs], dtype=torch.float64)
+        y = torch.tensor([b[j] for _, j in pairs], dtype=torch.float64)
+        interval = paired_bootstrap(x, y, level=level)
+        out[name] = {
+            "before": float(x.mean()),
+            "after": float(y.mean()),
+            **{key: float(value) for key, value in interval.to_dict().items()},
+            "excludes_zero": interval.excludes_zero,
+            "verdict": ("better" if interval.low > 0 else "worse") if interval.excludes_zero else "no change shown",
+        }
+    return out
+
+
+def evaluation_numbers(exploration: planner_pb2.Exploration, records: Mapping[int, dict]) -> dict:
+    """report.json's "evaluation": the protocol and measurability of the target's splits, and the
+    last evaluated version against the initial encoder (plus every iteration's comparison)."""
+    initial = exploration.initial_evaluation
+    before = records.get(0)
+    evaluated = [it for it in exploration.iterations if it.eval_images]
+    last = evaluated[-1] if evaluated else None
+    per_iteration = []
+    for it in exploration.iterations:
+        if it.eval_images:
+            per_iteration.append({"iteration": it.iteration, "version": it.trained_model.version or it.evaluation.model.version, **compare(before, records.get(it.iteration))})
+    main = per_iteration[-1] if per_iteration else compare(before, None)
+    protocol = initial.protocol or (before or {}).get("protocol") or ("eval-split-cv" if initial.eval_images else "")
+    measurable = bool(main["measurable"]) and bool(last)
+    reason = main["reason"] if last else ("the initial encoder was not evaluated (the target has no labelled test split)" if not initial.eval_images else "no trained version was evaluated yet")
+    return {
+        "protocol": protocol or None,
+        "test_images": initial.eval_images,
+        "train_images": initial.train_images,
+        "classes": initial.classes,
+        "measurable": measurable,
+        "not_measurable_reason": "" if measurable else reason,
+        "detectable_difference": float(initial.detectable_difference) if initial.detectable_difference else main.get("detectable_difference"),
+        "before": {"version": initial.model.version, "knn_top1": float(initial.knn_top1) if initial.eval_images else None, "linear_probe_top1": float(initial.linear_probe_top1) if initial.eval_images else None},
+        "after": (
+            {"iteration": last.iteration, "version": last.trained_model.version or last.evaluation.model.version, "knn_top1": float(last.knn_top1), "linear_probe_top1": float(last.linear_probe_top1)}
+            if last
+            else None
+        ),
+        "knn": main["knn"] if measurable else None,
+        "linear_probe": main["linear_probe"] if measurable else None,
+        "note": main.get("note"),
+        "per_iteration": per_iteration,
+    }
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def difference_text(metric: Mapping | None) -> str:
+    """'+0.062 [95% CI -0.016, +0.141]' for one metric's comparison."""
+    if not metric:
+        return "-"
+    level = int(round(100 * metric["level"]))
+    return f"{_signed(metric['mean'])} [{level}% CI {_signed(metric['low'])}, {_signed(metric['high'])}]"
+
+
+def evaluation_lines(ev: Mapping) -> list[str]:
+    """The report's lines on representation quality: numbers with their interval when the split
+    can measure, the reason instead of numbers when it cannot."""
+    if not ev["test_images"]:
+        return ["- representation quality: not evaluated (the target has no labelled test split)"]
+    if ev["protocol"] == PAIRED_PROTOCOL:
+        how = f"k-NN memory bank and linear probe fitted on {ev['train_images']} labelled train images, scored on {ev['test_images']} test images of {ev['classes']} classes"
+    else:
+        how = f"{ev['test_images']} test images, within-split estimates ({ev['protocol']}): no labelled train split"
+    if not ev["measurable"]:
+        return [f"- representation quality ({how}): **not measurable**: {ev['not_measurable_reason']}"]
+    before, after = ev["before"], ev["after"]
+    lines = [f"- representation quality, the paper's protocol ({how}); version {after['version']} (iteration {after['iteration']}) against the initial encoder (v{before['version']}):"]
+    for name, _, title in METRICS:
+        metric = ev[name]
+        if metric:
+            verdict = {"better": "better, the interval excludes 0", "worse": "worse, the interval excludes 0", "no change shown": "no change shown: the interval includes 0"}[metric["verdict"]]
+            lines.append(f"  - {title}: {metric['before']:.3f} before -> {metric['after']:.3f} after, difference {difference_text(metric)} ({verdict})")
+    lines.append(f"  - smallest difference these {ev['test_images']} test images can show: {ev['detectable_difference']:.3f}" + (f"; {ev['note']}" if ev.get("note") else ""))
+    return lines
+
+
 def _seconds(ts) -> float:
     return ts.ToNanoseconds() / 1e9 if (ts.seconds or ts.nanos) else 0.0
 
@@ -254,7 +404,7 @@ def _short(concept: str) -> str:
     return head if head and tail[:1] == "n" and tail[1:].isdigit() else concept
 
 
-def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluation, out: Path) -> list[tuple[str, str]]:
+def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluation, out: Path, evaluation: Mapping | None = None) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,8 +483,9 @@ def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluati
         ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(qx)
         ax.set_xlabel("iteration (0: initial encoder)")
-        ax.set_ylabel("accuracy on the target's labelled split")
-        ax.set_title("Representation quality")
+        ax.set_ylabel("accuracy on the target's test split")
+        measurable = bool(evaluation and evaluation.get("measurable"))
+        ax.set_title("Representation quality" + ("" if measurable else " (not measurable on this target)"))
         ax.legend()
         save(fig, "quality.png", "k-NN and linear-probe accuracy per iteration (0 = before any web image)")
 
@@ -380,6 +531,14 @@ def _thumbnail(store: ObjectStore, bucket: str, key: str, out: Path) -> str | No
     return name
 
 
+def _difference_cell(comparison: Mapping | None, metric: str) -> str:
+    if comparison is None:
+        return "-"
+    if not comparison["measurable"]:
+        return "not measurable"
+    return difference_text(comparison[metric])
+
+
 def _fmt(value, spec: str = ".3f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
@@ -401,7 +560,8 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
     out = out_dir / exploration_id
     out.mkdir(parents=True, exist_ok=True)
     initial = exploration.initial_evaluation
-    plots = _plots(iterations, initial, out) if iterations else []
+    evaluation = evaluation_numbers(exploration, evaluation_records(store, bucket, exploration))
+    plots = _plots(iterations, initial, out, evaluation) if iterations else []
     try:
         top_now = stub.TopConcepts(planner_pb2.TopConceptsRequest(exploration_id=exploration_id, limit=10))
     except Exception as exc:  # noqa: BLE001 - the report is still useful without the planner's ranking
@@ -441,7 +601,10 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
             "knn_top1": float(initial.knn_top1) if initial.eval_images else None,
             "linear_probe_top1": float(initial.linear_probe_top1) if initial.eval_images else None,
             "eval_images": initial.eval_images,
+            "protocol": initial.protocol or None,
+            "train_images": initial.train_images,
         },
+        "evaluation": evaluation,
         "eval_labels": len((target or {}).get("labels", {})) or None,
         "iterations": per_iteration,
         "top_concepts_now": [
@@ -470,31 +633,22 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
     if relevance is not None:
         t = numbers["totals"]
         lines.append(f"- relevance: {relevance.rule}; overall yield {_fmt(t['yield'])} ({t['relevant']}/{t['judged']} distinct images accepted, new or duplicate, counted once per iteration)")
-    if initial.eval_images:
-        last = next((it for it in reversed(per_iteration) if it["eval_images"]), None)
-        lines.append(
-            f"- representation on the labelled split ({initial.eval_images} images, {numbers['eval_labels'] or '?'} labels): k-NN top-1 "
-            f"{initial.knn_top1:.3f} before -> {_fmt(last and last['knn_top1'])} after; linear probe {initial.linear_probe_top1:.3f} -> "
-            f"{_fmt(last and last['linear_probe_top1'])}"
-        )
-        if numbers["eval_labels"] and numbers["eval_labels"] * 2 > initial.eval_images:
-            lines.append(
-                "  (most labels have a single evaluation image: leave-one-out k-NN and the cross-validated probe cannot classify those, "
-                "so these accuracies are near 0 by construction; a branch with more photos per label measures more)"
-            )
+    lines += evaluation_lines(evaluation)
     lines += [
         "",
-        "| iteration | fetched | stored | duplicates | contaminating | invalid | refused | scored | relevant yield | mean / max concept reward | k-NN | linear probe | planning | collecting | training | serving |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| iteration | fetched | stored | duplicates | contaminating | invalid | refused | scored | relevant yield | mean / max concept reward | k-NN | linear probe | k-NN - initial | probe - initial | planning | collecting | training | serving |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if initial.eval_images:
-        lines.append(f"| 0 (initial v{initial.model.version}) | | | | | | | | | | {initial.knn_top1:.3f} | {initial.linear_probe_top1:.3f} | | | | |")
+        lines.append(f"| 0 (initial v{initial.model.version}) | | | | | | | | | | {initial.knn_top1:.3f} | {initial.linear_probe_top1:.3f} | | | | | | |")
+    comparisons = {c["iteration"]: c for c in evaluation["per_iteration"]}
     for n in per_iteration:
         yield_text = f"{n['yield']:.3f} ({n['relevant']}/{n['judged']})" if n["yield"] is not None else "-"
         sec = n["seconds"]
         lines.append(
             f"| {n['iteration']} | {n['fetched']} | {n['stored']} | {n['duplicates']} | {n['contaminating']} | {n['invalid']} | {n['refused']} | {n['scored']} | "
             f"{yield_text} | {n['concept_reward']['planner_mean']:.3f} / {n['concept_reward']['planner_max']:.3f} | {_fmt(n['knn_top1'])} | {_fmt(n['linear_probe_top1'])} | "
+            f"{_difference_cell(comparisons.get(n['iteration']), 'knn')} | {_difference_cell(comparisons.get(n['iteration']), 'linear_probe')} | "
             f"{_secs(sec['planning'], '.1f')} | {_secs(sec['collecting'])} | {_secs(sec['training'])} | {_secs(sec['serving'])} |"
         )
     lines.append("")

@@ -8,7 +8,7 @@ per iteration, fetched / stored / duplicates / refused / scored from the events 
 topics (deduplicated by their identities: delivery is at-least-once), stored objects from S3
 (present, content-addressed, one per new image), the relevant-image yield from the corpus's own
 ground truth and the stored images' URLs, and k-NN / linear probe from the trainer's evaluation
-events (iteration 0: the initial encoder).
+events (iteration 0: the initial encoder) and its per-image records in S3 (the paired interval).
 """
 
 from __future__ import annotations
@@ -258,6 +258,19 @@ def test_representation_quality_matches_the_evaluations(run, events):
         e = evaluations[n["iteration"]]
         assert n["trained_model"] == e.model.version == n["iteration"] + 1
         assert n["knn_top1"] == pytest.approx(e.knn_top1) and n["linear_probe_top1"] == pytest.approx(e.linear_probe_top1)
+    # The paper's protocol: the generated target carries train labels (2 x 8 images) and a test split
+    # of 2 x 4; every version is scored on the same test images, recorded image by image in S3.
+    assert all((e.protocol, e.train_images, e.eval_images, e.classes) == ("train->test", 16, 8, 2) for e in evaluations.values())
+    _, _, store = run
+    records = {i: store.get_json(BUCKET, e.record_key) for i, e in evaluations.items()}
+    assert all(r["test"]["keys"] == records[0]["test"]["keys"] for r in records.values())
+    for i, r in records.items():
+        assert sum(r["test"]["knn_correct"]) / 8 == pytest.approx(evaluations[i].knn_top1)
+    ev = report["evaluation"]
+    assert (ev["protocol"], ev["test_images"], ev["train_images"], ev["measurable"]) == ("train->test", 8, 16, True)
+    assert ev["detectable_difference"] == pytest.approx(evaluations[0].detectable_difference) == pytest.approx(3 / 8)
+    difference = (sum(records[2]["test"]["knn_correct"]) - sum(records[0]["test"]["knn_correct"])) / 8
+    assert ev["knn"]["mean"] == pytest.approx(difference) and ev["knn"]["low"] <= difference <= ev["knn"]["high"]
 
 
 def test_stage_times_cover_each_iteration(run):
