@@ -224,7 +224,7 @@ class VersionSummary:
         return self.knn_top1 >= 0 and self.eval_images > 0
 
     def metadata(self) -> dict[str, str]:
-        return {
+        values = {
             "iteration": str(self.iteration),
             "train-steps": str(self.train_steps),
             "final-loss": repr(float(self.final_loss)),
@@ -243,6 +243,8 @@ class VersionSummary:
             "eval-detectable": repr(float(self.eval_detectable)),
             "eval-record": self.eval_record,
         }
+        # No empty values: an empty header is not kept alike by every S3 server (absent reads as "").
+        return {key: value for key, value in values.items() if value != ""}
 
     @classmethod
     def from_metadata(cls, exploration_id: str, version: int, metadata: Mapping[str, str]) -> "VersionSummary | None":
