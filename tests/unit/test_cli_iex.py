@@ -24,7 +24,7 @@ def test_json_is_accepted_anywhere_and_the_subcommands_exist():
     parser = cli.build_parser()
     for argv in (["explore", "status", "x"], ["explore", "top-concepts", "x"], ["explore", "cancel", "x"], ["report", "x"], ["data", "fetch"], ["run", "--branch", "animals/birds"]):
         assert parser.parse_args(argv).func
-    assert parser.parse_args(["run"]).branch == "food/fruit"
+    assert parser.parse_args(["run"]).branch == "animals"
 
 
 def test_an_unreachable_planner_says_how_to_start_one(capsys):
