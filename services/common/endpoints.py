@@ -44,7 +44,10 @@ SERVICE_PORTS: dict[str, ServicePorts] = {
 
 # Infrastructure servers of the local stack.
 KAFKA_PORT = port(19092)
+# The broker's metrics (tansu pushes OTLP to services.stack.otlp_bridge, which Prometheus scrapes).
+KAFKA_METRICS_PORT = port(19093)
 S3_PORT = port(18333)
+S3_METRICS_PORT = port(18339)  # SeaweedFS -metricsPort
 TRITON_HTTP_PORT = port(18000)
 TRITON_GRPC_PORT = port(18001)
 TRITON_METRICS_PORT = port(18002)

@@ -2,7 +2,7 @@
 
     up [--servers-only] [--only NAME ...] [--kafka-storage memory|s3]
     down                      stop everything of the state directory, services first, and verify
-    status [--json]           running / stopped / external per process
+    status [--json]           running / stopped / external per process, ready now (its probe), start time
     env                       the IEX_* variables that reach the stack, as shell exports
 """
 
@@ -18,10 +18,16 @@ from services.stack import servers
 from services.stack.process import state_dir
 
 
+def _ready(row: servers.Row) -> str:
+    if row.ready is None:
+        return "-"
+    return "yes" if row.ready else f"no ({row.detail})" if row.detail else "no"
+
+
 def _table(rows: list[servers.Row]) -> str:
-    header = ("NAME", "STATE", "PID", "READY", "LISTENS")
+    header = ("NAME", "STATE", "PID", "READY", "STARTED IN", "LISTENS")
     lines = [
-        (row.name, row.state, str(row.pid or "-"), f"{row.ready_s:.1f}s" if row.ready_s is not None else "-", row.listens)
+        (row.name, row.state, str(row.pid or "-"), _ready(row), f"{row.ready_s:.1f}s" if row.ready_s is not None else "-", row.listens)
         for row in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,23 @@ class ManagedProcess:
         return state_dir() / "pids" / f"{self.name}.pid"
 
     @property
+    def ready_file(self) -> Path:
+        """Written when the process became ready: its PID and how long the start took (`status` reads it)."""
+        return state_dir() / "pids" / f"{self.name}.ready"
+
+    def record_ready(self, pid: int, took_s: float) -> None:
+        self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        self.ready_file.write_text(json.dumps({"pid": pid, "ready_s": round(took_s, 2), "ready_at": round(time.time(), 3)}))
+
+    def ready_record(self, pid: int | None) -> dict | None:
+        """What record_ready wrote for `pid`, None for another PID (a process started since) or none."""
+        try:
+            record = json.loads(self.ready_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if pid is not None and record.get("pid") == pid else None
+
+    @property
     def log_file(self) -> Path:
         return state_dir() / "logs" / f"{self.name}.log"
 
@@ -121,6 +139,7 @@ class ManagedProcess:
     def stop(self) -> bool:
         """Stops the process group by PID; True when something was stopped."""
         pid = self.pid()
+        self.ready_file.unlink(missing_ok=True)
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
             return False

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from services.common import endpoints
 from services.common.endpoints import LOOPBACK, SERVICE_PORTS
+from services.stack import otlp_bridge
 from services.stack.process import ManagedProcess, http_ok, port_open, repo_root, state_dir
 
 SERVER_NAMES: tuple[str, ...] = ("s3", "kafka", "triton", "prometheus")  # start order
@@ -205,9 +206,9 @@ def ensure_bucket(bucket: str, environ: Mapping[str, str] | None = None) -> None
 def ports(name: str) -> tuple[int, ...]:
     """Loopback ports `name` binds when the stack starts it."""
     if name == "s3":
-        return (endpoints.S3_PORT, *S3_INTERNAL_PORTS.values())
+        return (endpoints.S3_PORT, endpoints.S3_METRICS_PORT, *S3_INTERNAL_PORTS.values())
     if name == "kafka":
-        return (endpoints.KAFKA_PORT,)
+        return (endpoints.KAFKA_PORT, endpoints.KAFKA_METRICS_PORT)
     if name == "triton":
         return (endpoints.TRITON_HTTP_PORT, endpoints.TRITON_GRPC_PORT, endpoints.TRITON_METRICS_PORT)
     if name == "prometheus":
@@ -221,9 +222,9 @@ def ports(name: str) -> tuple[int, ...]:
 def listens(name: str) -> str:
     if name == "s3":
         internal = sorted(S3_INTERNAL_PORTS.values())
-        return f"http://{LOOPBACK}:{endpoints.S3_PORT} (internal {internal[0]}-{internal[-2]}, {internal[-1]})"
+        return f"http://{LOOPBACK}:{endpoints.S3_PORT}, metrics :{endpoints.S3_METRICS_PORT} (internal {internal[0]}-{internal[-2]}, {internal[-1]})"
     if name == "kafka":
-        return f"{LOOPBACK}:{endpoints.KAFKA_PORT}"
+        return f"{LOOPBACK}:{endpoints.KAFKA_PORT}, metrics :{endpoints.KAFKA_METRICS_PORT}"
     if name == "triton":
         return (
             f"http {LOOPBACK}:{endpoints.TRITON_HTTP_PORT}, grpc :{endpoints.TRITON_GRPC_PORT}, "
@@ -428,9 +429,15 @@ def kafka_process(storage: str | None = None, environ: Mapping[str, str] | None 
         env = tansu_s3_env(environ)
     else:
         engine = "memory://tansu/"
+    argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", engine]
+    if otlp_bridge.available():
+        # tansu pushes its metrics over OTLP; the bridge (tansu's parent) serves them to Prometheus.
+        metrics = f"{LOOPBACK}:{endpoints.KAFKA_METRICS_PORT}"
+        argv = [sys.executable, "-m", "services.stack.otlp_bridge", "--listen", metrics, "--", *argv, "--otlp-endpoint-url", f"http://{metrics}/"]
+        env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(repo_root()), os.environ.get("PYTHONPATH", "")) if p)}
     return ManagedProcess(
         name="kafka",
-        argv=[str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", engine],
+        argv=argv,
         ready=kafka_metadata_ok,
         env=env,
         cwd=state_dir(),
@@ -506,6 +513,9 @@ def s3_process(environ: Mapping[str, str] | None = None) -> ManagedProcess:
         "-s3.port.lance=0",
         "-webdav=false",
         "-admin.ui=false",
+        # Prometheus metrics of every weed server in the process (master, volume, filer, S3).
+        f"-metricsIp={LOOPBACK}",
+        f"-metricsPort={endpoints.S3_METRICS_PORT}",
         # The admin server starts even without its UI: loopback only, behind its own random
         # password, which is read from the options file so that it is not in the arguments.
         f"-options={_write_weed_options()}",
@@ -611,12 +621,19 @@ def prometheus_config(
     services: Iterable[str] = SERVICE_NAMES,
     *,
     scrape_triton: bool = True,
+    scrape_kafka: bool = True,
+    scrape_s3: bool = True,
     rule_files: Sequence[Path] = (),
 ) -> str:
-    """prometheus.yml: one job per service (job name = service name), Triton and Prometheus itself."""
+    """prometheus.yml: one job per service (job name = service name), the servers the stack runs
+    (Triton; the broker through its OTLP bridge; SeaweedFS's -metricsPort) and Prometheus itself."""
     jobs = [(name, SERVICE_PORTS[name].metrics) for name in services]
     if scrape_triton:
         jobs.append(("triton", endpoints.TRITON_METRICS_PORT))
+    if scrape_kafka:
+        jobs.append(("kafka", endpoints.KAFKA_METRICS_PORT))
+    if scrape_s3:
+        jobs.append(("s3", endpoints.S3_METRICS_PORT))
     jobs.append(("prometheus", endpoints.PROMETHEUS_PORT))
     lines = [
         "# Written by services.stack at every `up`; edit services/stack/servers.py, not this file.",
@@ -642,19 +659,24 @@ def write_prometheus_config(
     services: Iterable[str] = SERVICE_NAMES,
     *,
     scrape_triton: bool = True,
+    scrape_kafka: bool = True,
+    scrape_s3: bool = True,
     rule_files: Sequence[Path] = (),
 ) -> Path:
     path = state_dir() / "prometheus" / "prometheus.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prometheus_config(services, scrape_triton=scrape_triton, rule_files=rule_files))
+    path.write_text(prometheus_config(services, scrape_triton=scrape_triton, scrape_kafka=scrape_kafka, scrape_s3=scrape_s3, rule_files=rule_files))
     return path
 
 
 def prometheus_process(environ: Mapping[str, str] | None = None, rule_files: Sequence[Path] = ()) -> ManagedProcess:
     """Prometheus on 127.0.0.1:19090 scraping every service every 2 s."""
     binary = prometheus_binary()
+    # A server the stack does not run is not scraped (an external one has its own monitoring).
     config = write_prometheus_config(
         scrape_triton=external_endpoint("triton", environ) is None,
+        scrape_kafka=external_endpoint("kafka", environ) is None and otlp_bridge.available(),
+        scrape_s3=external_endpoint("s3", environ) is None,
         rule_files=rule_files,
     )
     data = state_dir() / "data" / "prometheus"
@@ -830,14 +852,20 @@ class Row:
     state: str  # started | running | stopped | external
     pid: int | None = None
     listens: str = ""
+    # How long its start took to become ready (recorded by `up`; None when not known).
     ready_s: float | None = None
     log: str = ""
+    # Whether it answers its readiness probe now (None: not probed, e.g. stopped or external).
+    ready: bool | None = None
+    detail: str = ""
 
     def as_dict(self) -> dict:
         return {
             "name": self.name,
             "state": self.state,
             "pid": self.pid,
+            "ready": self.ready,
+            "detail": self.detail,
             "listens": self.listens,
             "ready_s": self.ready_s,
             "log": self.log,
@@ -928,7 +956,8 @@ class Stack:
             proc = self.process(name)
             proc.wait_ready()  # it may be another `up` still starting it
             self._say(f"{name}: already running (pid {existing}), left as it is")
-            return Row(name, "running", existing, proc.describe or listens(name), log=str(proc.log_file))
+            record = proc.ready_record(existing) or {}
+            return Row(name, "running", existing, proc.describe or listens(name), record.get("ready_s"), str(proc.log_file), ready=True)
         busy = [port for port in ports(name) if port_open(LOOPBACK, port)]
         if busy:
             raise StackError(
@@ -944,14 +973,17 @@ class Stack:
         self.started.append(name)
         proc.wait_ready()
         took = time.monotonic() - began
+        proc.record_ready(pid, took)
         self._say(f"{name}: ready in {took:.1f}s (pid {pid})")
-        return Row(name, "started", pid, proc.describe or listens(name), round(took, 2), str(proc.log_file))
+        return Row(name, "started", pid, proc.describe or listens(name), round(took, 2), str(proc.log_file), ready=True)
 
     def start_one(self, name: str) -> int:
         """(Re)starts one process of this stack after a kill, waiting until it is ready."""
         proc = self.process(name)
+        began = time.monotonic()
         pid = proc.start()
         proc.wait_ready()
+        proc.record_ready(pid, time.monotonic() - began)
         if name not in self.started:
             self.started.append(name)
         return pid
@@ -971,7 +1003,60 @@ class Stack:
         return stopped
 
 
-def status(names: Iterable[str] = ALL_NAMES) -> list[Row]:
+def _service_serving(name: str, timeout_s: float) -> tuple[bool, str]:
+    """The service's gRPC health (overall status), which reflects its real dependencies."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common import security
+
+    channel = security.client_channel(f"{LOOPBACK}:{SERVICE_PORTS[name].grpc}", security.client_settings(), options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        return False, f"health check: {exc.code().name.lower()}"
+    except Exception as exc:  # noqa: BLE001 - a probe reports, never raises (e.g. unreadable TLS files)
+        return False, f"health check: {exc}"
+    finally:
+        channel.close()
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    return serving, "" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower().replace("_", " ")
+
+
+def _s3_answers(timeout_s: float) -> tuple[bool, str]:
+    """Read-only: the volume server joined and a signed ListBuckets works (`up` also writes and reads)."""
+    if _weed_data_nodes() < 1:
+        return False, "no volume server joined the master yet"
+    try:
+        s3_client(timeout_s=timeout_s, retries=False).list_buckets()
+    except Exception as exc:  # noqa: BLE001
+        return False, f"ListBuckets failed: {type(exc).__name__}"
+    return True, ""
+
+
+def probe(name: str, timeout_s: float = 1.0) -> tuple[bool, str]:
+    """(ready, why not) from the same kind of check `up` waits for, without changing anything."""
+    if name in SERVICE_PORTS:
+        return _service_serving(name, timeout_s)
+    if name == "kafka":
+        ok = kafka_metadata_ok(timeout_s=timeout_s)
+        return ok, "" if ok else "no Metadata answer"
+    if name == "s3":
+        return _s3_answers(timeout_s)
+    if name == "triton":
+        ok = http_ok(f"http://{DEFAULT_TRITON_HTTP}/v2/health/ready", timeout=timeout_s)
+        return ok, "" if ok else "/v2/health/ready not ok"
+    if name == "prometheus":
+        ok = http_ok(f"{endpoints.DEFAULT_PROMETHEUS_URL}/-/ready", timeout=timeout_s)
+        return ok, "" if ok else "/-/ready not ok"
+    raise StackError(f"unknown process {name!r}")
+
+
+def status(names: Iterable[str] = ALL_NAMES, *, check: bool = True) -> list[Row]:
+    """One row per process: running or not (by PID), ready now (its probe, run in parallel), and how
+    long its start took to become ready (recorded by `up`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rows = []
     for name in ordered(names):
         external = external_endpoint(name)
@@ -980,7 +1065,13 @@ def status(names: Iterable[str] = ALL_NAMES) -> list[Row]:
             continue
         proc = handle(name)
         pid = owned_pid(proc)
-        rows.append(Row(name, "running" if pid else "stopped", pid, listens(name), log=str(proc.log_file)))
+        record = proc.ready_record(pid) or {}
+        rows.append(Row(name, "running" if pid else "stopped", pid, listens(name), record.get("ready_s"), str(proc.log_file)))
+    running = [row for row in rows if row.state == "running"]
+    if check and running:
+        with ThreadPoolExecutor(max_workers=len(running)) as pool:
+            for row, (ready, detail) in zip(running, pool.map(lambda r: probe(r.name), running)):
+                row.ready, row.detail = ready, detail
     return rows
 
 

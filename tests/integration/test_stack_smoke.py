@@ -236,7 +236,7 @@ def test_triton_python_backend_serves_a_model(stack):
         client.unload_model(model)
 
 
-def test_prometheus_scrapes_triton(stack):
+def test_prometheus_scrapes_triton_the_broker_and_s3(stack):
     import urllib.request
 
     base = stack.env()["IEX_PROMETHEUS_URL"]
@@ -246,11 +246,14 @@ def test_prometheus_scrapes_triton(stack):
         with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=5) as response:
             targets = json.load(response)["data"]["activeTargets"]
         health = {t["labels"]["job"]: t["health"] for t in targets}
-        if health.get("triton") == "up" and health.get("prometheus") == "up":
+        if all(health.get(job) == "up" for job in ("triton", "prometheus", "kafka", "s3")):
             break
         time.sleep(1)
-    assert health.get("triton") == "up" and health.get("prometheus") == "up", health
+    # The broker (through its OTLP bridge) and the S3 server (weed -metricsPort) too.
+    assert all(health.get(job) == "up" for job in ("triton", "prometheus", "kafka", "s3")), health
     assert set(endpoints.SERVICE_PORTS) <= set(health)
+    with urllib.request.urlopen(f"{base}/api/v1/query?query=count(%7Bjob%3D%22s3%22%7D)", timeout=5) as response:
+        assert int(json.load(response)["data"]["result"][0]["value"][1]) > 10  # SeaweedFS's own series
 
 
 def test_s3_object_survives_server_kill(stack):

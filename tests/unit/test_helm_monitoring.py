@@ -114,7 +114,7 @@ def test_monitors_select_the_metrics_ports(tmp_path):
         [helm, "template", "iex", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"], capture_output=True, text=True, check=True
     )
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == "iex-internet-explorer"]
     components = set(monitor["spec"]["selector"]["matchExpressions"][0]["values"])
     assert components == {"planner", "crawler", "dedup", "scorer", "trainer", "search", "triton"}
     selected = [
@@ -128,6 +128,39 @@ def test_monitors_select_the_metrics_ports(tmp_path):
     for service in selected:
         assert "metrics" in {p["name"] for p in service["spec"]["ports"]}, service["metadata"]["name"]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+@pytest.mark.parametrize("kind, flag", [("ServiceMonitor", "serviceMonitor"), ("PodMonitor", "podMonitor")])
+def test_the_charts_minio_is_scraped_and_only_metrics_peers_may(kind, flag):
+    """MinIO's cluster metrics are scraped on its S3 port without a token while a monitor is on; the
+    NetworkPolicy opens that port to networkPolicy.metricsFrom only then. (The chart's Kafka exposes
+    JMX only: no monitor.)"""
+    helm = generate.helm_binary()
+
+    def render(*sets):
+        args = [helm, "template", "iex", str(CHART)] + [a for s in sets for a in ("--set", s)]
+        return [d for d in yaml.safe_load_all(subprocess.run(args, capture_output=True, text=True, check=True).stdout) if d]
+
+    def minio(docs):
+        deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-minio"))
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-minio"))
+        return env, policy["spec"]["ingress"]
+
+    docs = render(f"metrics.{flag}.enabled=true")
+    (monitor,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith("-minio")]
+    endpoints = monitor["spec"]["endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"]
+    assert [(e["port"], e["path"]) for e in endpoints] == [("s3", "/minio/v2/metrics/cluster")]
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "minio"
+    env, ingress = minio(docs)
+    assert env["MINIO_PROMETHEUS_AUTH_TYPE"] == "public"
+    assert {"ports": [{"port": "s3", "protocol": "TCP"}], "from": [{"namespaceSelector": {}}]} in ingress
+    assert not [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor") and "kafka" in d["metadata"]["name"]]
+
+    off = render()
+    env, ingress = minio(off)
+    assert "MINIO_PROMETHEUS_AUTH_TYPE" not in env and len(ingress) == 1
+    assert not [d for d in render(f"metrics.{flag}.enabled=true", "minio.enabled=false", "s3.endpoint=s3.example:443", "s3.existingSecret=my-s3") if d["kind"] == kind and d["metadata"]["name"].endswith("-minio")]
 
 
 # ---- dashboards -----------------------------------------------------------------------------------

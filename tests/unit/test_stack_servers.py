@@ -53,3 +53,64 @@ def test_a_corpus_of_the_user_is_never_generated(tmp_path, monkeypatch):
     mine = tmp_path / "my-photos"
     servers.service_process("search", {**servers.stack_env(), "IEX_SEARCH_CORPUS_DIR": str(mine)})
     assert made == []
+
+
+# ---- status: real readiness, not "-" -------------------------------------------------------------
+
+
+def test_status_probes_running_processes_and_reports_their_start_time(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from services.stack import __main__ as stack_cli
+
+    monkeypatch.setenv("IEX_STATE_DIR", str(tmp_path))
+    for var in ("IEX_KAFKA_BOOTSTRAP", "IEX_S3_ENDPOINT", "IEX_TRITON_GRPC_URL", "IEX_TRITON_HTTP_URL", "IEX_PROMETHEUS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        kafka, planner = servers.handle("kafka"), servers.handle("planner")
+        for proc in (kafka, planner):
+            proc.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            proc.pid_file.write_text(str(sleeper.pid))
+        kafka.record_ready(sleeper.pid, 1.234)
+        planner.record_ready(sleeper.pid + 1, 9.0)  # a record of an earlier process: not this one's
+        probed = []
+
+        def fake_probe(name, timeout_s=1.0):
+            probed.append(name)
+            return (True, "") if name == "kafka" else (False, "not serving")
+
+        monkeypatch.setattr(servers, "probe", fake_probe)
+        rows = {row.name: row for row in servers.status()}
+        assert sorted(probed) == ["kafka", "planner"]  # only running processes are probed
+        assert rows["kafka"].ready is True and rows["kafka"].ready_s == 1.23
+        assert rows["planner"].ready is False and rows["planner"].detail == "not serving" and rows["planner"].ready_s is None
+        assert rows["s3"].state == "stopped" and rows["s3"].ready is None
+        assert rows["kafka"].as_dict()["ready"] is True
+        table = stack_cli._table(list(rows.values())).splitlines()
+        assert table[0].split()[:5] == ["NAME", "STATE", "PID", "READY", "STARTED"]
+        kafka_line = next(line for line in table if line.startswith("kafka"))
+        assert " yes " in kafka_line and "1.2s" in kafka_line
+        assert "no (not serving)" in next(line for line in table if line.startswith("planner"))
+        kafka.stop()  # stopping forgets the record
+        assert not kafka.ready_file.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_stack_scrapes_the_broker_and_the_s3_server(tmp_path, monkeypatch):
+    from services.common import endpoints
+
+    monkeypatch.setenv("IEX_STATE_DIR", str(tmp_path))
+    text = servers.prometheus_config()
+    for job, port in (("kafka", endpoints.KAFKA_METRICS_PORT), ("s3", endpoints.S3_METRICS_PORT), ("triton", endpoints.TRITON_METRICS_PORT)):
+        assert f"job_name: {job}\n    static_configs:\n      - targets: [\"127.0.0.1:{port}\"]" in text
+    assert "job_name: kafka" not in servers.prometheus_config(scrape_kafka=False)
+    argv = servers.s3_process().argv
+    assert f"-metricsPort={endpoints.S3_METRICS_PORT}" in argv and "-metricsIp=127.0.0.1" in argv
+    kafka = servers.kafka_process("memory")
+    assert kafka.argv[1:4] == ["-m", "services.stack.otlp_bridge", "--listen"]
+    assert kafka.argv[-2:] == ["--otlp-endpoint-url", f"http://127.0.0.1:{endpoints.KAFKA_METRICS_PORT}/"]
+    assert endpoints.KAFKA_METRICS_PORT in servers.ports("kafka") and endpoints.S3_METRICS_PORT in servers.ports("s3")
