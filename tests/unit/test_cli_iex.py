@@ -212,3 +212,55 @@ def test_top_concepts_names_never_queried_concepts(fake_planner, capsys):
     assert cli.main(["--planner", address, "explore", "top-concepts", "e1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["concepts"]
     assert "observed_reward" in rows[0] and "observed_reward" not in rows[2]
+
+
+# ---- quiet output: the user reads progress; logs and warnings go to files -------------------------
+
+
+def test_a_helpers_json_logs_and_warnings_go_to_its_log_and_progress_to_the_screen(tmp_path):
+    import sys
+
+    from services.cli.mainjob import run_quietly
+
+    script = (
+        "import json, sys, warnings\n"
+        "print(json.dumps({'level': 'INFO', 'msg': 'loaded'}), file=sys.stderr, flush=True)\n"
+        "warnings.warn('old API', DeprecationWarning, stacklevel=1)\n"
+        "print('embedding 146,347 concepts: 50%', file=sys.stderr, flush=True)\n"
+        "print(json.dumps({'digest': 'abc'}), flush=True)\n"
+    )
+    log = tmp_path / "helper.log"
+    shown: list[str] = []
+    code = run_quietly([sys.executable, "-W", "always", "-c", script], {}, log, say=shown.append)
+    assert code == 0
+    assert shown == ["embedding 146,347 concepts: 50%"]
+    kept = log.read_text()
+    assert '"msg": "loaded"' in kept and "DeprecationWarning: old API" in kept and '"digest": "abc"' in kept
+
+
+def test_iex_runs_own_logging_and_warnings_go_to_a_file(tmp_path, monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from services.cli.mainjob import quiet_logging
+
+    monkeypatch.setenv("IEX_STATE_DIR", str(tmp_path))
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        path = quiet_logging()
+        logging.getLogger("services.search").info("index loaded")
+        warnings.warn("a library warning", UserWarning, stacklevel=1)
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        logging.captureWarnings(False)
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    captured = capsys.readouterr()
+    assert "index loaded" not in captured.err and "a library warning" not in captured.err
+    text = path.read_text()
+    assert path == tmp_path / "logs" / "iex-run.log"
+    assert "index loaded" in text and "a library warning" in text
