@@ -33,7 +33,7 @@ PARTITIONS = 2
 def compat_servers() -> Iterator[dict[str, ManagedProcess]]:
     ok, reason = compat.available()
     if not ok:
-        pytest.skip(f"compat servers unavailable: {reason}")
+        pytest.skip(f"optional capability compat-servers: {reason}")
     procs = compat.processes()
     # Servers a developer already started with `compat up` are used and left running.
     ours = [proc for proc in procs if not proc.running()]
