@@ -102,7 +102,7 @@ test-compat: setup
 
 bench:
 	@echo "benchmarks (each prints a side-by-side table and writes bench/results/<name>.json):"
-	@grep -oE '^bench-[a-z]+' Makefile | sed 's/^/  make /'
+	@grep -oE '^bench-[a-z]+' Makefile | grep -vx 'bench-envs' | sed 's/^/  make /'
 
 # ---- Crawler and search benchmarks (bench/README.md; not part of make test) ---------------------
 .PHONY: bench-crawler bench-search
