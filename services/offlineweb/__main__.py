@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = commands.add_parser("build", help="fetch the packages and build corpus, images, targets and manifest")
     b.add_argument("--out", help="data directory (default: $IEX_DATA_DIR or ~/.cache/iex/offline-web)")
     b.add_argument("--sources", help="comma-separated subset of: google,twitter,openmoji,fluent3d,noto,openclipart,tuxpaint (default: all)")
-    b.add_argument("--workers", type=int, default=default_workers(), help="render processes (default: half the cores, at most 4)")
+    b.add_argument("--workers", type=int, default=default_workers(), help="render processes (default: every core)")
     b.add_argument("--no-targets", action="store_true", help="build the corpus only")
     b.add_argument("--force", action="store_true", help="rebuild even when the inputs match the manifest")
     split_options(b)

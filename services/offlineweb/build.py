@@ -65,8 +65,13 @@ def default_data_dir(environ: dict | None = None) -> Path:
 
 
 def default_workers() -> int:
-    # Half the cores, at most 4: the machines this runs on are shared (CI, laptops running the stack).
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """Every core this process may use: rendering is the one-off work of a fresh machine (13,841
+    images: ~316 s on one core, about half that on two; docs/offline-web.md), and the output is the
+    same bytes whatever the count (tests/unit/test_offlineweb.py)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
