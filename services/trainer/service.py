@@ -79,6 +79,8 @@ class TrainerSettings(ServiceSettings):
     trainer_max_steps: int = setting(0, help="cap on steps per iteration, for CPU runs; 0 means no cap", minimum=0)
     trainer_temperature: float = setting(0.2, help="InfoNCE temperature", minimum=0.01, maximum=10.0)
     trainer_momentum: float = setting(0.99, help="EMA momentum of the key encoder: constant with schedule=exploration (paper, from MoCo-v3 ImageNet weights: 0.9985; 0.99 suits the few hundred steps of a CPU run), the start of a cosine to 1 with schedule=cosine", minimum=0.0, maximum=1.0)
+    trainer_batchnorm: str = setting("train", help="train: the backbones' BatchNorms use and update batch statistics (MoCo-v3); frozen: they keep the initial weights' running statistics (fine-tuning pretrained weights on small batches; docs/trainer.md)", choices=("train", "frozen"))
+    trainer_head_warmup_steps: int = setting(0, help="the exploration's first N steps train only the new projector and predictor, the backbone stays as initialised", minimum=0)
     trainer_min_crop_scale: float = setting(0.2, help="RandomResizedCrop minimum area share", minimum=0.01, maximum=1.0)
     trainer_replay_ratio: float = setting(2.0, help="images drawn from replay buffer + target train per candidate image", minimum=0.0)
     trainer_early_stop_patience: int = setting(2, help="epochs without a lower SSL loss before a run stops; 0 disables", minimum=0)
@@ -132,6 +134,8 @@ class TrainerSettings(ServiceSettings):
             temperature=self.trainer_temperature,
             base_momentum=self.trainer_momentum,
             min_crop_scale=self.trainer_min_crop_scale,
+            batchnorm=self.trainer_batchnorm,
+            head_warmup_steps=self.trainer_head_warmup_steps,
             early_stop_patience=self.trainer_early_stop_patience,
             early_stop_min_delta=self.trainer_early_stop_min_delta,
             precision=resolve_precision(self.trainer_precision, device),

@@ -168,6 +168,39 @@ def test_one_step_at_default_settings_changes_the_backbone_weights():
     assert set(weights) <= set(moved), sorted(set(weights) - set(moved))[:5]
 
 
+def test_frozen_batchnorm_keeps_the_backbones_running_statistics():
+    images = torch.randint(0, 256, (16, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+
+    def statistics(state):
+        return {name: b.clone() for name, b in state.model.backbone.named_buffers() if "running_mean" in name}
+
+    frozen, trained = EncoderState.create(TINY, CPU), EncoderState.create(TINY, CPU)
+    before = statistics(frozen)
+    train(frozen, TensorLoader(images, 8, seed=2), TrainConfig(batch_size=8, max_steps=2, batchnorm="frozen"), seed=2)
+    train(trained, TensorLoader(images, 8, seed=2), TrainConfig(batch_size=8, max_steps=2), seed=2)
+    assert all(torch.equal(before[n], v) for n, v in statistics(frozen).items())
+    assert any(not torch.equal(before[n], v) for n, v in statistics(trained).items())
+    # The heads' BatchNorms still learn their statistics, and the backbone's weights still move.
+    assert frozen.model.projector[1].num_batches_tracked.item() == 4  # two views a step
+    assert frozen.model.training  # train mode everywhere else
+    with pytest.raises(ValueError):
+        TrainConfig(batchnorm="sometimes")
+
+
+def test_head_warmup_trains_the_heads_and_leaves_the_backbone_alone():
+    images = torch.randint(0, 256, (16, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(10))
+    state = EncoderState.create(TINY, CPU)
+    backbone = {n: p.detach().clone() for n, p in state.model.backbone.named_parameters()}
+    heads = {n: p.detach().clone() for n, p in state.model.predictor.named_parameters()}
+    config = TrainConfig(batch_size=8, max_steps=2, head_warmup_steps=2, batchnorm="frozen")
+    train(state, TensorLoader(images, 8, seed=3), config, seed=3)
+    assert all(torch.equal(backbone[n], p) for n, p in state.model.backbone.named_parameters())
+    assert any(not torch.equal(heads[n], p) for n, p in state.model.predictor.named_parameters())
+    # Counted in exploration steps: the next run (iteration) trains the backbone too.
+    train(state, TensorLoader(images, 8, seed=3), config, seed=4)
+    assert any(not torch.equal(backbone[n], p) for n, p in state.model.backbone.named_parameters())
+
+
 def test_early_stopping_ends_the_run_after_epochs_without_a_lower_loss():
     images = torch.randint(0, 256, (16, 3, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
     # A zero learning rate cannot lower the loss: the run stops after `patience` stale epochs
