@@ -6,11 +6,15 @@ custom vocabulary is the user's list of concepts, embedded and searched as writt
 
 Embeddings are addressed by a digest of the model name and the embedded texts:
 `vocabularies/<digest>/embeddings.npy` (float32 [N, 384]) and `meta.json` in S3, mirrored under the
-local cache directory. The first build of the WordNet vocabulary takes minutes on a CPU (about 8 on
-two cores), so it runs on a background thread; explorations that need it wait in PENDING, with the
-progress in their `detail`. Every later start loads the cached file in seconds.
+local cache directory. The digest names the model, not the runtime: onnxruntime and torch give
+the same vectors to float rounding (max difference ~2e-7, services/common/textembed.py), so a cache
+built by either serves both. The first build of the WordNet vocabulary takes minutes on a CPU
+(about 4 on two quiet cores with onnxruntime; it was 8-17 with torch), so it runs on a background
+thread; explorations that need it wait in PENDING, with the progress in their `detail`. Every later
+start loads the cached file in seconds.
 
-Run `python -m services.planner.vocabulary build` to build and upload the cache ahead of time.
+Run `python -m services.planner.vocabulary build` to build and upload the cache ahead of time (a
+progress line on stderr at every 10%).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -158,13 +163,16 @@ class EmbeddingCache:
         embed: Embed | None = None,
         on_ready: Callable[[str], None] | None = None,
         retry_after_s: float = 60.0,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
+        """progress: called with (concepts embedded, concepts in all) after every chunk of a computed build."""
         self.store = store
         self.bucket = bucket
         self.cache_dir = cache_dir or default_cache_dir()
         self.embed = embed or _default_embed
         self.on_ready = on_ready
         self.retry_after_s = retry_after_s
+        self.progress = progress
         self.jobs: dict[str, EmbeddingJob] = {}
         self.lock = threading.Lock()
         # One build at a time: two vocabularies embedding together would only share the same cores.
@@ -293,12 +301,15 @@ class EmbeddingCache:
     def _compute(self, vocabulary: Vocabulary, job: EmbeddingJob) -> np.ndarray:
         texts = vocabulary.texts
         out = np.empty((len(texts), EMBEDDING_DIMENSION), dtype=np.float32)
-        # Length-sorted batches pad less: about 2x faster on the WordNet glosses.
+        # Chunks of texts of similar length (the embedder then sorts each chunk by token count, so its
+        # batches carry almost no padding); rows go back to the vocabulary order.
         order = np.argsort([len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), EMBED_CHUNK):
             rows = order[start : start + EMBED_CHUNK]
             out[rows] = self.embed([texts[i] for i in rows])
             job.progress = min(1.0, (start + len(rows)) / max(1, len(texts)))
+            if self.progress is not None:
+                self.progress(start + len(rows), len(texts))
         return out
 
 
@@ -324,7 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket(settings.s3_bucket)
     cache_dir = os.environ.get("IEX_PLANNER_VOCABULARY_CACHE_DIR")  # the planner's own setting, if the operator set it
-    cache = EmbeddingCache(store, settings.s3_bucket, cache_dir=Path(cache_dir) if cache_dir else None)
+    from services.common.textembed import ProgressLine, shared_minilm
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    label = f"embedding {len(vocabulary):,} {vocabulary.kind} concepts"
+    cache = EmbeddingCache(store, settings.s3_bucket, cache_dir=Path(cache_dir) if cache_dir else None, progress=ProgressLine(say, label))
     began = time.monotonic()
     cache.get(vocabulary)
     job = cache.jobs[vocabulary.digest]
@@ -335,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "concepts": len(vocabulary),
                 "digest": vocabulary.digest,
                 "source": job.source,
+                "runtime": shared_minilm().runtime if job.source == "computed" else "",
                 "seconds": round(time.monotonic() - began, 1),
                 "s3_key": cache.s3_key(vocabulary.digest),
             }

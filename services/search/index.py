@@ -18,11 +18,12 @@ captions and the embedder, so a restart, or another replica, with the same capti
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from services.common.textembed import (  # noqa: F401 - re-exported for the sear
     MINILM_MAX_TOKENS,
     MINILM_NAME,
     MiniLMEmbedder,
+    ProgressLine,
     TextEmbedder,
     shared_minilm,
 )
@@ -225,6 +227,16 @@ class CaptionIndex:
             fetch = min(len(self.captions), fetch * 4)
 
 
+def embed_with_progress(embedder: TextEmbedder, texts: Sequence[str], label: str, progress: Callable[[str], None] | None = None) -> np.ndarray:
+    """embedder.embed(texts), with a line at the start and at every 10% when the embedder reports progress."""
+    if "progress" not in inspect.signature(embedder.embed).parameters:
+        return embedder.embed(texts)
+    say = progress or (lambda line: log.info(line))
+    runtime = embedder.prepare() if hasattr(embedder, "prepare") else ""
+    say(f"{label}{f' on {runtime}' if runtime else ''} ...")
+    return embedder.embed(texts, progress=ProgressLine(say, label))
+
+
 def build_caption_index(
     name: str,
     corpus: Corpus,
@@ -232,8 +244,13 @@ def build_caption_index(
     store: IndexStore | None = None,
     use_faiss: bool | None = None,
     options: IndexOptions | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CaptionIndex:
-    """Embeds the corpus's distinct captions (or reloads them, and any prebuilt graph, from the store) and indexes them."""
+    """Embeds the corpus's distinct captions (or reloads them, and any prebuilt graph, from the store) and indexes them.
+
+    progress: called with a line at every 10% of the embedding (default: an INFO log record), never
+    when the embeddings are reloaded.
+    """
     options = options or IndexOptions()
     started = time.perf_counter()
     captions = list(dict.fromkeys(r.caption for r in corpus.records))
@@ -245,7 +262,7 @@ def build_caption_index(
             vectors = None
     reused = vectors is not None
     if vectors is None:
-        vectors = embedder.embed(captions)
+        vectors = embed_with_progress(embedder, captions, f"embedding {len(captions):,} captions of index {name}", progress)
         if store is not None:
             store.save(name, digest, vectors)
     kind = options.kind_for(len(captions))

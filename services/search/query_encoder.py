@@ -4,91 +4,48 @@ A search query is one short text. In torch eager mode its cost is mostly per-ope
 (six BERT layers, ~100 small operators): ~9 ms of CPU on this project's machines, against ~4 ms for
 the same graph exported to ONNX and run by onnxruntime (measured, one thread; docs/search.md). On a
 busy machine CPU time is what a query waits for, so the search service answers queries through
-onnxruntime and keeps torch for embedding whole corpora (large batches on every core, where torch
-is efficient).
+onnxruntime on one thread; whole corpora go through the embedder's bulk path (length-sorted batches,
+every core).
 
 The graph is exported at start from the very weights the torch embedder loaded (so there is no
 second model to keep in step), checked against torch on sample texts (max difference 1e-4, in
 practice ~2e-7) and cached on disk by a digest of the weights, the exporter and the opset
-(`$XDG_CACHE_HOME/iex/minilm-onnx/`, else in memory only). Anything failing falls back to torch.
+(`$XDG_CACHE_HOME/iex/minilm-onnx/`, else in memory only): the same graph, exported by the same code
+(services/common/textembed.py), as the one bulk embedding runs on every core. Anything failing
+falls back to the embedder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import os
-import tempfile
 import threading
 import time
-import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from services.common.textembed import (
+    ONNX_CHECK_TEXTS as _CHECK_TEXTS,
+    ONNX_INPUTS as INPUTS,  # noqa: F401 - part of this module's API
+    ONNX_MAX_DIFFERENCE as MAX_DIFFERENCE,
+    ONNX_OPSET as OPSET,  # noqa: F401 - part of this module's API
+    cached_onnx_model,
+    onnx_cache_dir as cache_dir,  # noqa: F401 - part of this module's API
+    onnx_session,
+)
+
 log = logging.getLogger(__name__)
 
-OPSET = 17
-MAX_DIFFERENCE = 1e-4
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# Queries come one at a time; batches beyond this size go to torch (all cores, large matrices).
+# Queries come one at a time; larger batches go to the embedder's own bulk path (every core).
 SMALL_BATCH = 4
-_CHECK_TEXTS = ("a baby duck on a pond", "red circle", "an old wooden chair in a museum, close-up photo, vintage and broken")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "iex" / "minilm-onnx"
-
-
-def _weights_digest(model_dir: Path) -> str:
-    import torch
-
-    h = hashlib.sha256(f"opset{OPSET}\0torch{torch.__version__}\0".encode())
-    with open(model_dir / "model.safetensors", "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:24]
-
-
-def export_onnx(embedder) -> bytes:
-    """The embedder's BERT + mean pooling + normalisation as an ONNX graph (dynamic batch and length)."""
-    import torch
-
-    class Pipeline(torch.nn.Module):
-        def forward(self, ids, mask, types):
-            tokens = embedder.encoder(ids, mask, types)
-            weights = mask.unsqueeze(-1).to(tokens.dtype)
-            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-    encodings = embedder.tokenizer.encode_batch(list(_CHECK_TEXTS[:2]))
-    sample = tuple(torch.tensor([getattr(e, name) for e in encodings], dtype=torch.long) for name in ("ids", "attention_mask", "type_ids"))
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter: the dynamo one needs onnxscript, which is not a dependency.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Pipeline(),
-            sample,
-            buffer,
-            input_names=list(INPUTS),
-            output_names=["embedding"],
-            dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in INPUTS}, "embedding": {0: "batch"}},
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    return buffer.getvalue()
 
 
 class OnnxQueryEncoder:
-    """Embeds small batches with onnxruntime; anything larger, or any failure, goes to the torch embedder.
+    """Embeds small batches with onnxruntime on `threads` threads; anything larger, or any failure,
+    goes to the embedder (MiniLMEmbedder: length-sorted batches on every core).
 
     Exposes the TextEmbedder protocol (name, dimension, embed), so the engine uses it in place of
-    the torch embedder; the vectors are the same to float rounding, so an index embedded by torch
+    the embedder; the vectors are the same to float rounding, so an index embedded by either runtime
     is searched with ORT-embedded queries.
     """
 
@@ -109,39 +66,14 @@ class OnnxQueryEncoder:
         self.load_seconds = time.perf_counter() - started
 
     def _load(self, use_disk_cache: bool):
-        import onnxruntime as ort
-
-        model: bytes | None = None
-        path = None
-        if use_disk_cache:
-            path = cache_dir() / f"{_weights_digest(Path(self.embedder.model_dir))}.onnx"
-            try:
-                model = path.read_bytes()
-            except OSError:
-                model = None
-        fresh = model is None
-        if fresh:
-            model = export_onnx(self.embedder)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        model = cached_onnx_model(self.embedder, use_disk_cache)
+        session = onnx_session(model, self.threads)
         # Same vectors or nothing: a graph that drifted from the weights must never answer queries.
-        expected = self.embedder.embed(list(_CHECK_TEXTS))
+        expected = self.embedder.embed_torch(list(_CHECK_TEXTS))
         got = np.vstack([self._run(session, [text]) for text in _CHECK_TEXTS])
         difference = float(np.max(np.abs(got - expected)))
         if not difference <= MAX_DIFFERENCE:
             raise RuntimeError(f"ONNX query embeddings differ from torch by {difference:.3g}")
-        if fresh and path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".minilm-", dir=path.parent)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(model)
-                os.replace(tmp, path)
-            except OSError as exc:
-                log.info("ONNX query graph kept in memory only", extra={"error": str(exc)[:200]})
         return session
 
     def _run(self, session, texts: Sequence[str]) -> np.ndarray:

@@ -104,6 +104,14 @@ def test_request_does_not_block_and_reports_progress(tmp_path):
     assert cache.get(vocab, timeout_s=10).shape == (3, 384)
 
 
+def test_a_computed_build_reports_its_progress_to_the_total(tmp_path, monkeypatch):
+    monkeypatch.setattr(v, "EMBED_CHUNK", 100)
+    calls: list[tuple[int, int]] = []
+    cache = v.EmbeddingCache(FakeStore(), "iex", cache_dir=tmp_path, embed=CountingEmbedder(), progress=lambda done, total: calls.append((done, total)))
+    cache.get(v.custom_vocabulary([f"c{i}" for i in range(250)]), timeout_s=10)
+    assert calls == [(100, 250), (200, 250), (250, 250)]
+
+
 def test_corrupt_cache_is_recomputed_and_s3_outage_only_costs_the_upload(tmp_path):
     store, embed = FakeStore(), CountingEmbedder()
     vocab = v.custom_vocabulary(["x", "y"])

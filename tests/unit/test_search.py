@@ -359,7 +359,9 @@ def test_onnx_query_encoder_gives_the_torch_vectors_and_caches_its_graph(embedde
         assert np.abs(encoder.embed([text]) - embedder.embed([text])).max() < 1e-5
     [cached] = (tmp_path / "iex" / "minilm-onnx").glob("*.onnx")
     # A second start loads the cached graph instead of exporting again.
-    monkeypatch.setattr(query_encoder, "export_onnx", lambda _e: pytest.fail("exported again despite the cache"))
+    from services.common import textembed
+
+    monkeypatch.setattr(textembed, "export_onnx", lambda _e: pytest.fail("exported again despite the cache"))
     assert query_encoder.OnnxQueryEncoder(embedder).runtime == "onnxruntime"
     # A damaged cache never answers queries: it fails the start-up check and torch takes over.
     cached.write_bytes(b"not an onnx graph")
