@@ -36,8 +36,11 @@ class ExplorationDefaults:
     # "" = the planner's default source (IEX_PLANNER_DEFAULT_DESCRIPTORS, "none" unless configured).
     descriptors: str = ""
     # Environment of the trainer on a stack that `iex run` starts (a user's IEX_TRAINER_* values win):
-    # 10 MoCo-v3 steps of 32 images (two views each) is what a shared 2-core CPU trains in ~2 minutes.
-    trainer_env: dict[str, str] = field(default_factory=lambda: {"IEX_TRAINER_MAX_STEPS": "10", "IEX_TRAINER_BATCH_SIZE": "32"})
+    # 10 MoCo-v3 steps of 32 images (two views each) is what a shared 2-core CPU trains in ~2 minutes;
+    # frozen BatchNorm statistics keep the ImageNet weights' (docs/trainer.md, "Fine-tuning pretrained weights").
+    trainer_env: dict[str, str] = field(
+        default_factory=lambda: {"IEX_TRAINER_MAX_STEPS": "10", "IEX_TRAINER_BATCH_SIZE": "32", "IEX_TRAINER_BATCHNORM": "frozen"}
+    )
 
     def as_dict(self) -> dict:
         return asdict(self)
