@@ -1,0 +1,1 @@
+"""MiniLM bulk embedding, before and after length-sorted batches on onnxruntime (issue 18)."""
