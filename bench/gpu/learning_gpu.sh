@@ -80,15 +80,16 @@ if [ "$EMBED_DEVICE" != none ]; then
     echo "pre-embedding did not complete (exit $?): bench.learning embeds on the CPU itself"
   fi
 fi
-# 5. The benchmark, in what is left of the budget (it writes its JSON at the end only).
+# 5. The benchmark, in what is left of the budget (it rewrites its JSON after every target, "complete" true at the end).
 LEFT=$(( BUDGET_S - SECONDS ))
 [ "$LEFT" -ge 60 ] || { step "only $LEFT s of BUDGET_S=$BUDGET_S left: not starting bench.learning"; exit 3; }
 BRANCH_ARGS=(); for b in $BRANCHES; do BRANCH_ARGS+=(--branch "$b"); done
 step "python -m bench.learning --profile $PROFILE, $LEFT s left"
 rc=0
+rm -f "$RESULT"  # a copy in the working tree must not come back as this run's
 timeout "$LEFT" "$PYTHON" -m bench.learning --profile "$PROFILE" --data .gpu-learning/web --vocabulary "$VOCABULARY" \
   "${BRANCH_ARGS[@]}" --seeds "$SEEDS" --out "$RESULT" ${EXTRA_ARGS:-} || rc=$?
-[ "$rc" = 124 ] && step "bench.learning stopped at the budget: no results written"
+[ "$rc" = 124 ] && step "bench.learning stopped at the budget: $RESULT holds the targets it finished (\"complete\": false), if any"
 if [ -n "${OUT:-}" ]; then
   [ -f "$RESULT" ] && cp "$RESULT" "$OUT/"
   "$PYTHON" -c "import json; m = json.load(open('.gpu-learning/pack/manifest.json')); m.pop('files'); print(json.dumps(m, indent=1))" > "$OUT/learning-gpu-bundle.json" || true
