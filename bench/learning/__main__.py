@@ -81,8 +81,9 @@ class Profile:
 PROFILES = {
     # 2 CPU cores: EfficientNet-Lite0 at 32 px, 3 rounds of 10 steps (bench/README.md says why so few).
     "cpu": Profile("cpu", image_size=32, rounds=3, steps_per_round=10, queries_per_round=48, base_lr=0.6),
-    # One H100/H200, about 10 minutes for 3 targets x 2 seeds: 224 px, bf16, the paper's batch.
-    "gpu": Profile("gpu", image_size=224, batch_size=224, rounds=5, steps_per_round=60, queries_per_round=256, images_per_query=25, base_lr=2.4, precision="bf16", device="cuda", auc_sample=4000),
+    # One H100/H200 (bench/gpu/learning_gpu.sh): 224 px, bf16, the paper's batch; sized for ~9 minutes
+    # over 3 targets x 2 seeds (estimated: not yet run on a GPU), results written after each target.
+    "gpu": Profile("gpu", image_size=224, batch_size=224, rounds=3, steps_per_round=50, queries_per_round=96, images_per_query=16, base_lr=0.6, precision="bf16", device="cuda", auc_sample=3000),
     # Seconds: checks the whole path (CI, and before spending a GPU).
     "smoke": Profile("smoke", image_size=32, batch_size=8, rounds=2, steps_per_round=2, queries_per_round=4, images_per_query=4, warmup_steps=2, auc_sample=60),
 }
@@ -219,7 +220,7 @@ def vocabulary_pool(kind: str, web: "OfflineWeb"):
         vocabulary = wordnet_vocabulary()
     started = time.perf_counter()
     embeddings = EmbeddingCache(_NoObjectStore(), "").get(vocabulary)
-    print(f"  vocabulary: {len(vocabulary):,} WordNet noun concepts embedded ({time.perf_counter() - started:.0f} s, cached)", flush=True)
+    print(f"  vocabulary: {len(vocabulary):,} {'WordNet noun' if kind == 'wordnet' else 'corpus'} concepts embedded ({time.perf_counter() - started:.0f} s, cached)", flush=True)
     return vocabulary, embeddings
 
 

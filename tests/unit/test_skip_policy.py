@@ -70,11 +70,12 @@ def test_a_module_level_skip_counts_too(tmp_path):
 
 
 def test_the_reason_helper_refuses_undeclared_capabilities():
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        import conftest
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
+    # Loaded by path under its own name: in a whole-suite run `conftest` in sys.modules may be another folder's.
+    spec = importlib.util.spec_from_file_location("iex_tests_root_conftest", ROOT / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
     assert conftest.optional_skip_reason("gpu", "none") == "optional capability gpu: none"
     with pytest.raises(ValueError):
         conftest.optional_skip_reason("network", "offline")
