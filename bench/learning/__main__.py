@@ -404,7 +404,10 @@ def print_table(summary: dict) -> None:
         if key in summary:
             v = summary[key]
             print(f"  {key}: {v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
-    print(f"  reward AUC: {summary['reward_auc']}")
+    aucs = summary["reward_auc"]
+    print(f"  reward AUC ({aucs.get('sample', {}).get('images', '?')} web images): init {aucs.get('init')}")
+    for arm, change in aucs.get("minus_init", {}).items():
+        print(f"    {arm:8s} {np.mean(aucs[arm]):.3f}   AUC - init {change['mean']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}]")
 
 
 def machine() -> str:
@@ -470,13 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         sample_pixels = pixels.batch([web.path(int(r)) for r in sample], profile.image_size)
         bank_pixels = pixels.batch(data.train_paths, profile.image_size)
 
-        def auc_of(state: EncoderState) -> float:
-            rewards = explore.knn_rewards(embed_images(state, sample_pixels, device), embed_images(state, bank_pixels, device))
+        def rewards_of(state: EncoderState) -> np.ndarray:
+            return explore.knn_rewards(embed_images(state, sample_pixels, device), embed_images(state, bank_pixels, device))
+
+        def auc_of(rewards: np.ndarray) -> float:
             return round(explore.reward_auc(rewards, relevant[sample]), 4)
 
         initial_state_ = initial_state(profile, device, 0)
         initial = evaluate(initial_state_)
-        aucs = {"init": auc_of(initial_state_)}
+        initial_rewards = rewards_of(initial_state_)
+        aucs: dict = {"init": auc_of(initial_rewards)}
+        arm_rewards: dict[str, list[np.ndarray]] = {}
         print(f"  init: k-NN {initial.knn_top1:.3f}, probe {initial.probe_top1:.3f}, reward AUC {aucs['init']}", flush=True)
         runs: dict[str, list[ArmRun]] = {a: [] for a in arms}
         for seed in seeds:
@@ -485,9 +492,12 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_arm(arm, seed, profile, data, web, pixels, evaluate, pools, reward_model, device, per_round_new)
                 if arm == "ie":
                     per_round_new = [r["new_images"] for r in run.rounds]
-                aucs.setdefault(arm, []).append(auc_of(run.state))
+                arm_rewards.setdefault(arm, []).append(rewards_of(run.state))
+                aucs.setdefault(arm, []).append(auc_of(arm_rewards[arm][-1]))
                 run.state = None
                 runs[arm].append(run)
+        aucs["minus_init"] = {arm: explore.auc_difference(initial_rewards, found, relevant[sample]) for arm, found in arm_rewards.items()}
+        aucs["sample"] = {"images": int(len(sample)), "relevant": int(relevant[sample].sum())}
         summary = summarise_target(data, runs, initial, aucs, profile)
         print_table(summary)
         results.append(summary)

@@ -118,22 +118,35 @@ def training_rows(candidates: Sequence[int], replay_and_target: Sequence[int], r
 
 def reward_auc(rewards: np.ndarray, relevant: np.ndarray) -> float:
     """ROC AUC of `rewards` against boolean `relevant` (Mann-Whitney, ties counted half)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
     relevant = np.asarray(relevant, dtype=bool)
     positives, negatives = int(relevant.sum()), int((~relevant).sum())
     if positives == 0 or negatives == 0:
         return float("nan")
-    order = np.argsort(rewards, kind="mergesort")
-    ranks = np.empty(len(rewards), dtype=np.float64)
-    sorted_rewards = np.asarray(rewards)[order]
-    # Average ranks of ties.
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and sorted_rewards[j + 1] == sorted_rewards[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    values, inverse, counts = np.unique(rewards, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = ends - (counts - 1) / 2.0  # 1-based mean rank of each distinct value
+    ranks = average_rank[inverse]
     return float((ranks[relevant].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def auc_difference(before: np.ndarray, after: Sequence[np.ndarray], relevant: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Paired bootstrap interval of mean_s AUC(after_s) - AUC(before) over the same sampled web
+    images (resampled together, so the interval covers the sample; the runs are averaged)."""
+    relevant = np.asarray(relevant, dtype=bool)
+    rng = np.random.default_rng(seed)
+    n = len(relevant)
+
+    def stat(index: np.ndarray) -> float:
+        base = reward_auc(before[index], relevant[index])
+        return float(np.mean([reward_auc(a[index], relevant[index]) for a in after]) - base)
+
+    observed = stat(np.arange(n))
+    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)])
+    draws = draws[np.isfinite(draws)]
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
+    return {"mean": observed, "low": float(low), "high": float(high), "level": level, "excludes_zero": bool(low > 0 or high < 0)}
 
 
 def to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:

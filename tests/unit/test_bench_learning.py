@@ -82,3 +82,14 @@ def test_summary_pairs_each_arm_with_the_initial_encoder_and_states_the_goal():
     one = evaluation.SplitScores(torch.tensor([True]), torch.tensor([True]))
     summary = summarise_target(tiny, {"ie": [run("ie", 0, one)]}, one, {}, PROFILES["smoke"])
     assert summary["goal"] == "not measurable" and not summary["measurable"] and summary["not_measurable_reason"]
+
+
+def test_auc_difference_is_paired_and_its_interval_separates_a_real_gain_from_none():
+    rng = np.random.default_rng(0)
+    relevant = rng.random(600) < 0.3
+    before = rng.random(600) + 0.2 * relevant
+    better = before + 0.5 * relevant  # every relevant image rewarded higher
+    gain = explore.auc_difference(before, [better, better], relevant, resamples=300)
+    assert gain["mean"] > 0 and gain["low"] > 0 and gain["excludes_zero"]
+    same = explore.auc_difference(before, [before.copy()], relevant, resamples=300)
+    assert same["mean"] == 0.0 and not same["excludes_zero"]
