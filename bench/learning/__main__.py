@@ -510,6 +510,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_curves(report: dict, path: Path) -> None:
+    """k-NN and linear probe against training steps, per target and arm (mean over seeds), with
+    the initial encoder's value as a line: the learning curves the report's verdict rests on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = report["targets"]
+    figure, axes = plt.subplots(2, len(targets), figsize=(4.2 * len(targets), 6.5), squeeze=False)
+    for column, target in enumerate(targets):
+        for row, metric in enumerate(("knn_top1", "probe_top1")):
+            axis = axes[row][column]
+            for arm, entry in target["arms"].items():
+                curves = np.array([[point[metric] for point in seed["curve"]] for seed in entry["seeds"]])
+                steps = [0] + [point["steps"] for point in entry["seeds"][0]["curve"]]
+                axis.plot(steps, [target["init"][metric], *curves.mean(axis=0)], marker="o", label=arm)
+            axis.axhline(target["init"][metric], color="grey", linestyle=":", linewidth=1)
+            name = "k-NN" if metric == "knn_top1" else "linear probe"
+            axis.set_title(f"{target['branch']}: {name} ({target['test_images']} test images)", fontsize=9)
+            axis.set_xlabel("training steps")
+            axis.set_ylabel("top-1 (mean over seeds)")
+            if not target["measurable"]:
+                axis.text(0.5, 0.5, "not measurable", transform=axis.transAxes, ha="center", color="red")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def write_report(out_path: Path, profile: Profile, seeds: list[int], arms: list[str], results: list[dict], started: float, complete: bool) -> None:
     measurable = [r for r in results if r["measurable"] and isinstance(r["goal"], dict)]
     met = [r["branch"] for r in measurable if r["goal"]["ie_beats_init_knn"] and r["goal"]["ie_at_least_random_knn"]]
@@ -533,6 +563,7 @@ def write_report(out_path: Path, profile: Profile, seeds: list[int], arms: list[
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot_curves(report, out_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
