@@ -477,17 +477,6 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
-class _NoObjectStore:
-    def get_or_none(self, bucket: str, key: str) -> None:
-        return None
-
-    def put_bytes(self, *args, **kwargs) -> None:
-        return None
-
-    def put_json(self, *args, **kwargs) -> None:
-        return None
-
-
 class DeviceMiniLM:
     """The project's MiniLM (tokenisation, batching and forward pass of services.common.textembed)
     with its weights and batches on a torch device: the caption index and the 146,347 concept texts
@@ -552,7 +541,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         vocabulary = wordnet_vocabulary()
     vocab_started = time.perf_counter()
-    EmbeddingCache(_NoObjectStore(), "", embed=embedder.embed).get(vocabulary)
+    EmbeddingCache(None, "", embed=embedder.embed).get(vocabulary)
     say(f"embed: vocabulary {vocabulary.digest} ({len(vocabulary):,} {args.vocabulary} concepts) in {time.perf_counter() - vocab_started:.1f} s; all done in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -196,19 +196,6 @@ class OfflineWeb:
         return np.array([target_sets.relevant(r.synset, target) for r in self.records], dtype=bool)
 
 
-class _NoObjectStore:
-    """The embedding cache's S3 tier, absent: the benchmark keeps to the local disk cache."""
-
-    def get_or_none(self, bucket: str, key: str) -> None:
-        return None
-
-    def put_bytes(self, *args, **kwargs) -> None:
-        return None
-
-    def put_json(self, *args, **kwargs) -> None:
-        return None
-
-
 def vocabulary_pool(kind: str, web: "OfflineWeb"):
     """The paper's WordNet nouns, or (`corpus`, for smoke runs) the offline web's own concept
     names: a vocabulary that every query can hit, far smaller to embed."""
@@ -219,7 +206,7 @@ def vocabulary_pool(kind: str, web: "OfflineWeb"):
     else:
         vocabulary = wordnet_vocabulary()
     started = time.perf_counter()
-    embeddings = EmbeddingCache(_NoObjectStore(), "").get(vocabulary)
+    embeddings = EmbeddingCache(None, "").get(vocabulary)
     print(f"  vocabulary: {len(vocabulary):,} {'WordNet noun' if kind == 'wordnet' else 'corpus'} concepts embedded ({time.perf_counter() - started:.0f} s, cached)", flush=True)
     return vocabulary, embeddings
 

@@ -165,7 +165,8 @@ class EmbeddingCache:
         retry_after_s: float = 60.0,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        """progress: called with (concepts embedded, concepts in all) after every chunk of a computed build."""
+        """store: the S3 tier (None: memory and the local disk only, for tools and benchmarks).
+        progress: called with (concepts embedded, concepts in all) after every chunk of a computed build."""
         self.store = store
         self.bucket = bucket
         self.cache_dir = cache_dir or default_cache_dir()
@@ -234,6 +235,8 @@ class EmbeddingCache:
             log.warning("could not write the local embedding cache", extra={"path": str(path), "error": str(exc)})
 
     def _load_s3(self, vocabulary: Vocabulary) -> np.ndarray | None:
+        if self.store is None:
+            return None
         data = self.store.get_or_none(self.bucket, self.s3_key(vocabulary.digest))
         if data is None:
             return None
@@ -244,6 +247,8 @@ class EmbeddingCache:
         return array if self._valid(array, vocabulary) else None
 
     def _save_s3(self, vocabulary: Vocabulary, array: np.ndarray, seconds: float) -> None:
+        if self.store is None:
+            return
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         self.store.put_bytes(self.bucket, self.s3_key(vocabulary.digest), buffer.getvalue())

@@ -83,6 +83,15 @@ def test_embeddings_are_computed_once_then_served_from_disk_and_s3(tmp_path):
     assert other.jobs[vocab.digest].source == "s3" and (tmp_path / "b" / vocab.digest / "embeddings.npy").is_file()
 
 
+def test_a_cache_without_an_object_store_keeps_to_memory_and_disk(tmp_path):
+    embed = CountingEmbedder()
+    vocab = v.custom_vocabulary([f"concept {i}" for i in range(20)])
+    first = v.EmbeddingCache(None, "", cache_dir=tmp_path, embed=embed).get(vocab, timeout_s=30)
+    again = v.EmbeddingCache(None, "", cache_dir=tmp_path, embed=embed)
+    np.testing.assert_array_equal(again.get(vocab, timeout_s=30), first)
+    assert embed.texts == 20 and again.jobs[vocab.digest].source == "disk"
+
+
 def test_request_does_not_block_and_reports_progress(tmp_path):
     gate = threading.Event()
 
