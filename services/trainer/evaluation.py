@@ -17,6 +17,7 @@ A target with labels on its test split only falls back to estimates within that 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,11 +76,18 @@ def knn_top1(features: torch.Tensor, labels: torch.Tensor, k: int = 20, temperat
         similarity = block @ features.t()
         rows = torch.arange(block.shape[0])
         similarity[rows, rows + start] = -float("inf")  # leave the image itself out
-        top, index = similarity.topk(k, dim=1)
-        weights = torch.exp(top / temperature)
-        votes = torch.zeros(block.shape[0], classes).scatter_add_(1, labels[index], weights)
-        correct += int((votes.argmax(dim=1) == labels[start : start + chunk]).sum())
+        predicted = _weighted_vote(similarity, labels, k, temperature, classes)
+        correct += int((predicted == labels[start : start + chunk]).sum())
     return correct / n
+
+
+def _weighted_vote(similarity: torch.Tensor, bank_labels: torch.Tensor, k: int, temperature: float, classes: int) -> torch.Tensor:
+    """Label of each row of `similarity` [M, N] (to the N images of `bank_labels`): the vote of its
+    k most similar images, each weighted by exp(cos / temperature)."""
+    top, index = similarity.topk(k, dim=1)
+    weights = torch.exp(top / temperature)
+    votes = torch.zeros(similarity.shape[0], classes, dtype=weights.dtype).scatter_add_(1, bank_labels[index], weights)
+    return votes.argmax(dim=1)
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
@@ -133,10 +141,7 @@ def linear_probe_top1(features: torch.Tensor, labels: torch.Tensor, folds: int =
         train = ~test
         if not bool(test.any()) or not bool(train.any()):
             continue
-        mean = x[train].mean(dim=0, keepdim=True)
-        std = x[train].std(dim=0, keepdim=True, unbiased=False).clamp_min(1e-6)
-        weight, bias = fit_linear_probe((x[train] - mean) / std, labels[train], classes, l2)
-        predicted = (((x[test] - mean) / std) @ weight.t() + bias).argmax(dim=1)
+        predicted = _probe(x[train], labels[train], x[test], l2, classes)
         correct += int((predicted == labels[test]).sum())
     return correct / n
 
@@ -154,11 +159,7 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
         raise ValueError("bank and bank_labels differ in length")
     k = max(1, min(k, bank.shape[0]))
     classes = max(classes, int(bank_labels.max()) + 1)
-    similarity = queries @ bank.t()
-    top, index = similarity.topk(k, dim=1)
-    weights = torch.exp(top / temperature)
-    votes = torch.zeros(queries.shape[0], classes, dtype=weights.dtype).scatter_add_(1, bank_labels[index], weights)
-    return votes.argmax(dim=1)
+    return _weighted_vote(queries @ bank.t(), bank_labels, k, temperature, classes)
 
 
 def probe_predict(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, l2: float = PROBE_L2, classes: int = 0) -> torch.Tensor:
@@ -167,11 +168,15 @@ def probe_predict(train: torch.Tensor, train_labels: torch.Tensor, test: torch.T
     if train.shape[0] < 2:
         raise ValueError("a linear probe needs at least 2 training images")
     classes = max(classes, int(train_labels.max()) + 1)
-    x, y = train.float(), test.float()
-    mean = x.mean(dim=0, keepdim=True)
-    std = x.std(dim=0, keepdim=True, unbiased=False).clamp_min(1e-6)
-    weight, bias = fit_linear_probe((x - mean) / std, train_labels, classes, l2)
-    return (((y - mean) / std) @ weight.t() + bias).argmax(dim=1)
+    return _probe(train.float(), train_labels, test.float(), l2, classes)
+
+
+def _probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, l2: float, classes: int) -> torch.Tensor:
+    """Standardise with the train rows' statistics, fit the probe on them, label the test rows."""
+    mean = train.mean(dim=0, keepdim=True)
+    std = train.std(dim=0, keepdim=True, unbiased=False).clamp_min(1e-6)
+    weight, bias = fit_linear_probe((train - mean) / std, train_labels, classes, l2)
+    return (((test - mean) / std) @ weight.t() + bias).argmax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -223,12 +228,7 @@ def measurability(train_labels: Sequence[str], test_labels: Sequence[str], min_p
     """Can accuracy on this split pair move at all, and by how little can a change be shown?
     Needs at least two classes with `min_per_class` images in each split, and every test image's
     class present in the train split (otherwise it can never be classified right)."""
-    train_counts: dict[str, int] = {}
-    for label in train_labels:
-        train_counts[label] = train_counts.get(label, 0) + 1
-    test_counts: dict[str, int] = {}
-    for label in test_labels:
-        test_counts[label] = test_counts.get(label, 0) + 1
+    train_counts, test_counts = Counter(train_labels), Counter(test_labels)
     both = [c for c in test_counts if train_counts.get(c, 0) >= min_per_class and test_counts[c] >= min_per_class]
     n = len(test_labels)
     detectable = detectable_difference(n) if n else float("inf")
