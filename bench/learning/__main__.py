@@ -262,6 +262,7 @@ def run_arm(
     profile: Profile,
     data: TargetData,
     web: OfflineWeb,
+    relevant: np.ndarray,  # per corpus row, the ground truth: read only to count each round's yield
     pixels: Pixels,
     evaluate: Evaluator,
     pools: dict[str, planning.Pool],
@@ -286,7 +287,7 @@ def run_arm(
 
     explorer = None
     if arm in ("ie", "labels"):
-        explorer = explore.Explorer("labels" if arm == "labels" else "ie", pools[arm], explore.Web([], web.search), profile.queries_per_round, profile.images_per_query, seed, reward_model)
+        explorer = explore.Explorer("labels" if arm == "labels" else "ie", pools[arm], web.search, profile.queries_per_round, profile.images_per_query, seed, reward_model)
     unseen = list(range(len(web.records)))
     rng.shuffle(unseen)
     random_replay: list[int] = []
@@ -302,15 +303,13 @@ def run_arm(
             rows = explore.training_rows(new, explorer.replay + target_rows, profile.replay_ratio, rng)
             last = explorer.log[-1]
             log = {"queries": last.queries, "hits": last.hits, "new_images": last.new_images, "mean_concept_reward": round(last.mean_concept_reward, 4), "top_concepts": last.top_concepts}
-            relevant = web.relevant(data.target)
-            log["new_relevant"] = int(sum(relevant[r] for r in new))
+            log["new_relevant"] = int(relevant[new].sum())
         else:  # random: as many new web images as ie found in the same round
             count = per_round_new[round_index] if per_round_new else profile.queries_per_round * profile.images_per_query // 2
             new, unseen = unseen[:count], unseen[count:]
             random_replay.extend(rng.sample(new, len(new) // 2))
             rows = explore.training_rows(new, random_replay + target_rows, profile.replay_ratio, rng)
-            relevant = web.relevant(data.target)
-            log = {"new_images": len(new), "new_relevant": int(sum(relevant[r] for r in new))}
+            log = {"new_images": len(new), "new_relevant": int(relevant[new].sum())}
         seen_web.update(r for r in rows if r >= 0)
         decode_started = time.perf_counter()
         loader = TensorLoader(explore.to_tensor([image(r) for r in rows]), profile.batch_size, seed=seed * 1000 + round_index)
@@ -329,9 +328,12 @@ def run_arm(
 # Summaries
 
 
-def interval(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict:
-    found = evaluation.paired_bootstrap(torch.stack(before), torch.stack(after))
+def interval_json(found: evaluation.Interval) -> dict:
     return {**found.to_dict(), "excludes_zero": found.excludes_zero}
+
+
+def interval(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict:
+    return interval_json(evaluation.paired_bootstrap(torch.stack(before), torch.stack(after)))
 
 
 def summarise_target(data: TargetData, runs: dict[str, list[ArmRun]], initial: evaluation.SplitScores, aucs: dict, profile: Profile) -> dict:
@@ -476,14 +478,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             per_round_new = None
             for arm in sorted(arms, key=("target", "ie", "random", "labels").index):  # random matches ie's counts
-                run = run_arm(arm, seed, profile, data, web, pixels, evaluate, pools, reward_model, device, per_round_new)
+                run = run_arm(arm, seed, profile, data, web, relevant, pixels, evaluate, pools, reward_model, device, per_round_new)
                 if arm == "ie":
                     per_round_new = [r["new_images"] for r in run.rounds]
                 arm_rewards.setdefault(arm, []).append(rewards_of(run.state))
                 aucs.setdefault(arm, []).append(auc_of(arm_rewards[arm][-1]))
                 run.state = None
                 runs[arm].append(run)
-        aucs["minus_init"] = {arm: explore.auc_difference(initial_rewards, found, relevant[sample]) for arm, found in arm_rewards.items()}
+        aucs["minus_init"] = {arm: interval_json(explore.auc_difference(initial_rewards, found, relevant[sample])) for arm, found in arm_rewards.items()}
         aucs["sample"] = {"images": int(len(sample)), "relevant": int(relevant[sample].sum())}
         summary = summarise_target(data, runs, initial, aucs, profile)
         print_table(summary)

@@ -31,14 +31,11 @@ import torch
 from services.common.rewards import concept_reward
 from services.planner import planning
 from services.scorer.rewards import knn_rewards
+from services.trainer.evaluation import Interval
 
 
-@dataclass
-class Web:
-    """The offline web as the loop sees it: caption search returning corpus rows."""
-
-    ids: list[str]
-    search: Callable[[list[str], int], list[list[int]]]  # query texts, k -> corpus rows per query
+# The offline web as the loop sees it: query texts, k -> the corpus rows each query found.
+Search = Callable[[list[str], int], list[list[int]]]
 
 
 @dataclass
@@ -49,7 +46,6 @@ class RoundLog:
     new_images: int
     mean_concept_reward: float
     top_concepts: list[str]
-    candidates: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -58,7 +54,7 @@ class Explorer:
 
     mode: str  # "ie" | "labels" | "uniform"
     pool: planning.Pool
-    web: Web
+    search: Search
     queries_per_round: int
     images_per_query: int
     seed: int
@@ -79,7 +75,7 @@ class Explorer:
         plan = self.plan()
         concepts = [self.pool.keys[i] for i in plan.picks]
         texts = [self.pool.names[i] for i in plan.picks]
-        results = self.web.search(texts, self.images_per_query)
+        results = self.search(texts, self.images_per_query)
         rows = sorted({r for hits in results for r in hits})
         reward_of = dict(zip(rows, knn_rewards(embed_rows(rows), target_bank).tolist())) if rows else {}
         for concept, hits in zip(concepts, results):
@@ -97,7 +93,6 @@ class Explorer:
                 new_images=len(new),
                 mean_concept_reward=float(np.mean([self.rewards[c][-1] for c in concepts])) if concepts else 0.0,
                 top_concepts=[self.pool.names[self.pool.index[k]] for _, k in by_concept],
-                candidates=new,
             )
         )
         return new
@@ -130,7 +125,7 @@ def reward_auc(rewards: np.ndarray, relevant: np.ndarray) -> float:
     return float((ranks[relevant].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
-def auc_difference(before: np.ndarray, after: Sequence[np.ndarray], relevant: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+def auc_difference(before: np.ndarray, after: Sequence[np.ndarray], relevant: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
     """Paired bootstrap interval of mean_s AUC(after_s) - AUC(before) over the same sampled web
     images (resampled together, so the interval covers the sample; the runs are averaged)."""
     relevant = np.asarray(relevant, dtype=bool)
@@ -146,7 +141,7 @@ def auc_difference(before: np.ndarray, after: Sequence[np.ndarray], relevant: np
     draws = draws[np.isfinite(draws)]
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [alpha, 1.0 - alpha])
-    return {"mean": observed, "low": float(low), "high": float(high), "level": level, "excludes_zero": bool(low > 0 or high < 0)}
+    return Interval(observed, float(low), float(high), level)
 
 
 def to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:

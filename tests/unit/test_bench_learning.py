@@ -44,13 +44,13 @@ def _pool(names: list[str], dim: int = 8) -> planning.Pool:
 def test_one_round_plans_searches_rewards_and_keeps_the_better_half_for_replay():
     names = [f"concept{i}" for i in range(12)]
     # concept i finds images 3i .. 3i+2; image r's embedding makes images of even concepts close to the target.
-    web = explore.Web([], lambda texts, k: [[3 * int(t[7:]) + j for j in range(min(k, 3))] for t in texts])
+    search = lambda texts, k: [[3 * int(t[7:]) + j for j in range(min(k, 3))] for t in texts]  # noqa: E731
     target = np.array([[1.0, 0.0]], dtype=np.float32)
 
     def embed(rows):
         return np.array([[1.0, 0.0] if (r // 3) % 2 == 0 else [0.0, 1.0] for r in rows], dtype=np.float32)
 
-    explorer = explore.Explorer("ie", _pool(names), web, queries_per_round=4, images_per_query=3, seed=1, reward_model=planning.RewardModel(device="cpu"))
+    explorer = explore.Explorer("ie", _pool(names), search, queries_per_round=4, images_per_query=3, seed=1, reward_model=planning.RewardModel(device="cpu"))
     new = explorer.collect(embed, target)
     assert new and len(new) == len(set(new)) and set(new) == explorer.seen
     assert len(explorer.rewards) >= 1 and all(v in (0.0, 1.0) for vs in explorer.rewards.values() for v in vs)
@@ -90,6 +90,6 @@ def test_auc_difference_is_paired_and_its_interval_separates_a_real_gain_from_no
     before = rng.random(600) + 0.2 * relevant
     better = before + 0.5 * relevant  # every relevant image rewarded higher
     gain = explore.auc_difference(before, [better, better], relevant, resamples=300)
-    assert gain["mean"] > 0 and gain["low"] > 0 and gain["excludes_zero"]
+    assert gain.mean > 0 and gain.low > 0 and gain.excludes_zero
     same = explore.auc_difference(before, [before.copy()], relevant, resamples=300)
-    assert same["mean"] == 0.0 and not same["excludes_zero"]
+    assert same.mean == 0.0 and not same.excludes_zero
