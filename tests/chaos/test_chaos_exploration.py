@@ -62,9 +62,10 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow, pyte
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "iex"
 EXPLORATION = "chaos-1"
-# Faults land in iterations 1-3; the fourth keeps the exploration running after the last one, however
-# fast the machine (a fault must hit a running exploration, and Triton's must meet the next version).
-ITERATIONS, QUERIES, IMAGES_PER_QUERY = 4, 8, 8
+# Faults land in iterations 1-4, each iteration held (paused at its end) until its faults ran, however
+# fast the machine. Triton's has iteration 4 to itself: it must meet the training phase, which a
+# fault recovering before it in the same iteration can outlast. The fifth runs after the last fault.
+ITERATIONS, QUERIES, IMAGES_PER_QUERY = 5, 8, 8
 S3_OUTAGE_S = 30.0
 TRITON_EXTRA_DOWN_S = 8.0  # after the new version is published, so the scorer's loads meet a dead Triton
 RESTART_TIMEOUT_S = 150.0
@@ -99,7 +100,7 @@ FAULTS = (
     Fault("kill -9 scorer", "kill", "scorer", 2, TRAINING),  # must load the next version after restart
     Fault("S3 unavailable 30 s (SIGSTOP)", "s3", "s3", 3, COLLECTING),  # also stalls the broker's storage
     Fault("kill -9 search", "kill", "search", 3, COLLECTING),  # the crawler's searches fail meanwhile
-    Fault("Triton unavailable, new model published, Triton back", "triton", "triton", 3, TRAINING),
+    Fault("Triton unavailable, new model published, Triton back", "triton", "triton", 4, TRAINING),
 )
 
 
@@ -210,11 +211,18 @@ class Driver:
 
     # ---- faults ------------------------------------------------------------------------------------
     def inject_all(self) -> None:
-        for fault in FAULTS:
+        held = 0
+        for index, fault in enumerate(FAULTS):
             record = FaultRecord(fault.name, fault.action, fault.trigger)
             self.run.faults.append(record)
             wanted = (fault.iteration, PHASE_ORDER[fault.phase])
             e = self.wait_exploration(lambda x: position(x) >= wanted, timeout_s=420)
+            if fault.iteration != held and e is not None and e.state not in TERMINAL:
+                # On a fast machine a whole iteration can pass while one fault recovers, and the
+                # last iteration's faults would then meet a finished exploration. A pause holds the
+                # loop at this iteration's end (collecting and training go on) until its faults ran.
+                held = fault.iteration
+                self.set_paused(True)
             record.injected_during = describe(e)
             record.iteration = fault.iteration
             in_time = e is not None and e.state not in TERMINAL and position(e) >= wanted
@@ -228,6 +236,28 @@ class Driver:
                 record.check("fault injected and recovered", False, f"{type(exc).__name__}: {str(exc)[:300]}")
             self.after_fault(record)
             print(f"[chaos] {fault.name}: {'ok' if record.passed else 'FAILED'} {[(c.name, c.passed) for c in record.checks]}", flush=True)
+            if held and (index + 1 == len(FAULTS) or FAULTS[index + 1].iteration != held):
+                self.set_paused(False)
+                held = 0
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause or resume through the planner's API, retried while a fault has it restarting."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                if paused:
+                    self.planner().PauseExploration(planner_pb2.PauseExplorationRequest(exploration_id=EXPLORATION), timeout=30)
+                else:
+                    self.planner().ResumeExploration(planner_pb2.ResumeExplorationRequest(exploration_id=EXPLORATION), timeout=30)
+                print(f"[chaos] exploration {'paused' if paused else 'resumed'}", flush=True)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    print(f"[chaos] could not {'pause' if paused else 'resume'}: {exc.details()}", flush=True)
+                    return  # already finished: the fault's own checks say it came too late
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def _all_serving(self, timeout_s: float) -> tuple[bool, dict[str, str]]:
         deadline = time.monotonic() + timeout_s
@@ -283,16 +313,19 @@ class Driver:
         record.check("every service SERVING again", ok, str(states) if not ok else f"{record.recovered_s}s after S3 returned")
 
     def _triton(self, fault: Fault, record: FaultRecord) -> None:
-        proc = self.stack.process("triton")
-        pid = proc.pid()
-        proc.kill()
-        record.check("Triton killed (SIGKILL)", pid is not None and not pid_alive(pid), f"pid {pid}")
-        began = time.monotonic()
         new_version = fault.iteration + 1
 
         def published(e: planner_pb2.Exploration) -> bool:
             return any(it.iteration == fault.iteration and it.trained_model.version >= new_version for it in e.iterations) or e.state in TERMINAL
 
+        proc = self.stack.process("triton")
+        pid = proc.pid()
+        proc.kill()
+        record.check("Triton killed (SIGKILL)", pid is not None and not pid_alive(pid), f"pid {pid}")
+        before = self.exploration()
+        # Killed after the version was out, the fault would test nothing: that is a failure, not a pass.
+        record.check(f"killed before v{new_version} was published", before is not None and not published(before), describe(before))
+        began = time.monotonic()
         e = self.wait_exploration(published, timeout_s=420)
         record.check(f"v{new_version} published while Triton was down", e is not None and published(e) and e.state not in TERMINAL, describe(e))
         time.sleep(TRITON_EXTRA_DOWN_S)
