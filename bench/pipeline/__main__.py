@@ -16,7 +16,10 @@ bounded time to finish.
 
 Measured per phase: images/s, Kafka consumer lag of the three groups when the phase ends (records
 between each group's committed offset and the log end, tests/chaos/chaos_harness.group_lag), peak
-lag the services reported, peak resident memory of every process and CPU seconds of each service.
+lag the services reported, peak resident memory of every process, CPU seconds of each process and
+CPU-ms per image, and what the servers themselves counted: S3 requests by type from the S3 server's
+own Prometheus counters (SeaweedFS `SeaweedFS_s3_request_total`, MinIO `minio_s3_requests_total`)
+and Kafka records the broker holds on every topic, both before and after the phase, per image.
 The phases run in the order ours -> reference so that no backlog is left for dedup when it runs.
 """
 
@@ -36,12 +39,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "chaos"))
 
-from chaos_harness import decoded, group_lag, group_members, read_topics  # noqa: E402
+from chaos_harness import decoded, group_lag, group_members, metrics_text, read_topics  # noqa: E402
 
 from bench.exploration.__main__ import LoadSampler, planner_stub, stop_on_sigterm, warm_search_index  # noqa: E402
 from bench.load.__main__ import PROCESSES, Phase, Sampler, machine  # noqa: E402
 from iex.v1 import common_pb2, events_pb2, planner_pb2  # noqa: E402
-from services.common import topics  # noqa: E402
+from services.common import endpoints, topics  # noqa: E402
 from services.common.kafka import KafkaConfig, Publisher, now_timestamp  # noqa: E402
 from services.common.metrics import Metrics  # noqa: E402
 from services.common.objectstore import ObjectStore  # noqa: E402
@@ -68,6 +71,34 @@ def cpu_snapshot(stack) -> dict[str, float]:
         pid = stack.process(name).pid()
         out[name] = group_cpu_s(pid) if pid else 0.0
     return out
+
+
+S3_REQUEST_COUNTERS = ("SeaweedFS_s3_request_total", "minio_s3_requests_total")
+
+
+def s3_requests(port: int | None = None) -> dict[str, float]:
+    """Requests the S3 server counted, by type (GET, PUT, HEAD, DELETE, ...), from its own metrics."""
+    text = metrics_text(port or endpoints.S3_METRICS_PORT)
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name not in S3_REQUEST_COUNTERS:
+            continue
+        labels = line[line.find("{") + 1 : line.rfind("}")] if "{" in line else ""
+        fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
+        kind = (fields.get("type") or fields.get("api") or "all").strip('"')
+        out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def kafka_records(bootstrap: str) -> dict[str, int]:
+    """Records the broker holds on every topic of the system (read back from it, not counted by clients)."""
+    names = [t.name for t in topics.ALL]
+    return {name: len(records) for name, records in read_topics(bootstrap, names, timeout_s=180).items()}
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before)) if after.get(k, 0) - before.get(k, 0)}
 
 
 def seconds(ts) -> float:
@@ -118,6 +149,7 @@ def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], im
     phase = Phase(label, rate=0.0, queries=len(texts))
     sampler = Sampler(stack, phase)
     cpu_before = cpu_snapshot(stack)
+    s3_before, kafka_before = s3_requests(), kafka_records(bootstrap)
     sampler.start()
     t0 = time.time()
     for i, text in enumerate(texts):
@@ -165,7 +197,12 @@ def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], im
         sampler.done.set()
         sampler.join()
     cpu_after = cpu_snapshot(stack)
+    s3_after, kafka_after = s3_requests(), kafka_records(bootstrap)
     span = max(1e-9, last - t0)
+    cpu = {n: round(cpu_after[n] - cpu_before[n], 1) for n in cpu_after}
+    images = max(1, counts.get("images_fetched", 0))
+    s3 = delta(s3_after, s3_before)
+    kafka = delta(kafka_after, kafka_before)
     return {
         "label": label,
         "queries": len(texts),
@@ -181,8 +218,18 @@ def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], im
         "consumer_lag_end": lag_end,
         "peak_lag_reported": phase.peak_lag,
         "peak_rss_mib": {n: round(phase.peak_rss.get(n, 0) / 2**20) for n in PROCESSES},
-        "cpu_s": {n: round(cpu_after[n] - cpu_before[n], 1) for n in cpu_after},
+        "cpu_s": cpu,
+        "cpu_ms_per_image": {n: round(1000 * v / images, 2) for n, v in cpu.items()},
+        "cpu_ms_per_image_total": round(1000 * sum(cpu.values()) / images, 1),
+        "s3_requests_at_server": s3,
+        "s3_requests_per_image": round(sum(s3.values()) / images, 2),
+        "kafka_records_at_broker": kafka,
+        "kafka_records_per_image": round(sum(kafka.values()) / images, 2),
     }
+
+
+def fmt_counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in counts.items()) or "-"
 
 
 def table(ours: dict, ref: dict) -> str:
@@ -198,8 +245,12 @@ def table(ours: dict, ref: dict) -> str:
     ]
     for n in ("crawler", "dedup", "scorer", "search", "kafka", "s3", "triton"):
         rows.append((f"peak RSS {n} (MiB)", ref["peak_rss_mib"][n], ours["peak_rss_mib"][n]))
-    for n in ("crawler", "dedup", "scorer", "search", "triton"):
-        rows.append((f"CPU s {n}", ref["cpu_s"][n], ours["cpu_s"][n]))
+    for n in ("crawler", "dedup", "scorer", "search", "kafka", "s3", "triton", "planner"):
+        rows.append((f"CPU ms per image {n}", ref["cpu_ms_per_image"][n], ours["cpu_ms_per_image"][n]))
+    rows.append(("CPU ms per image, all processes", ref["cpu_ms_per_image_total"], ours["cpu_ms_per_image_total"]))
+    rows.append(("S3 requests per image (counted by the S3 server)", ref["s3_requests_per_image"], ours["s3_requests_per_image"]))
+    rows.append(("  by type", fmt_counts(ref["s3_requests_at_server"]), fmt_counts(ours["s3_requests_at_server"])))
+    rows.append(("Kafka records per image (held by the broker)", ref["kafka_records_per_image"], ours["kafka_records_per_image"]))
     lines = ["| | reference: crawler alone | ours: crawler -> dedup -> scorer |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     ratio = ours["images_per_s"] / ref["images_per_s"] if ref["images_per_s"] else 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -161,6 +162,11 @@ class ConsumerLoop:
     A handler raising DependencyUnavailable is retried without limit (the record is not lost and not
     dead-lettered while S3 or Triton is away); any other exception is retried `max_attempts` times and
     then the record goes to `<topic>.dlq` with the reason. Undecodable records go there at once.
+
+    `concurrency` names topics whose records of one poll are handled by that many threads at once
+    (a handler that waits on S3 round trips); each record keeps its retries and dead-lettering, and
+    a partition's offset is committed only up to its first record left unfinished. Their handlers
+    must be thread-safe; the other topics' records of the poll are handled first, one at a time.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class ConsumerLoop:
         after_batch: Callable[[], None] | None = None,
         before_commit: Callable[[], None] | None = None,
         message_types: Mapping[str, type[Message]] | None = None,
+        concurrency: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.group_id = group_id
@@ -184,6 +191,8 @@ class ConsumerLoop:
         self.before_commit = before_commit
         # Topics of services.common.topics are known; others (tests, plugins) name their type here.
         self.message_types = {name: topic.message for name, topic in BY_NAME.items()} | dict(message_types or {})
+        self.concurrency = {topic: workers for topic, workers in (concurrency or {}).items() if workers > 1}
+        self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,6 +254,8 @@ class ConsumerLoop:
                         self.consumer = None
         finally:
             self.healthy = False
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             self._stopped.set()
 
     def _poll_loop(self, consumer: KafkaConsumer) -> None:
@@ -252,17 +263,37 @@ class ConsumerLoop:
             batch = consumer.poll(timeout_ms=500, max_records=self.max_poll_records)
             done: dict[TopicPartition, int] = {}
             try:
+                concurrent = {tp: records for tp, records in batch.items() if tp.topic in self.concurrency}
                 for tp, records in batch.items():
+                    if tp in concurrent:
+                        continue
                     for record in records:
                         if not self._handle_until_done(record):
                             return  # stopping with this record unfinished: it is not committed
                         done[tp] = record.offset + 1
+                if concurrent and not self._handle_concurrently(concurrent, done):
+                    return
             finally:
                 if done:
                     self._commit(consumer, done)
             if self.after_batch is not None:
                 self.after_batch()
             self._update_lag(consumer)
+
+    def _handle_concurrently(self, batch: Mapping[TopicPartition, list], done: dict[TopicPartition, int]) -> bool:
+        """Handles the records on the pool; records each partition's finished prefix in `done`."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(self.concurrency.values()), thread_name_prefix=f"{self.group_id}-handler")
+        records = [record for records in batch.values() for record in records]
+        finished = dict(zip((id(r) for r in records), self._pool.map(self._handle_until_done, records)))
+        complete = True
+        for tp, part in batch.items():
+            for record in part:
+                if not finished[id(record)]:
+                    complete = False  # stopping: this record and the rest of its partition are redelivered
+                    break
+                done[tp] = record.offset + 1
+        return complete
 
     def _commit(self, consumer: KafkaConsumer, done: Mapping[TopicPartition, int]) -> None:
         # Outputs first: a record is committed only once what it produced is durable (state, broker).

@@ -102,6 +102,10 @@ class Service:
     def after_batch(self) -> None:
         """Runs on the consumer thread after each polled batch is committed (periodic work)."""
 
+    def concurrent_topics(self) -> dict[str, int]:
+        """Topics whose records of one poll are handled by that many threads at once (thread-safe handlers only)."""
+        return {}
+
     def before_commit(self) -> None:
         """Runs on the consumer thread before offsets are committed: make the batch's own state durable here.
 
@@ -160,6 +164,7 @@ class Service:
                 max_poll_records=self.max_poll_records,
                 after_batch=self.after_batch,
                 before_commit=self.before_commit,
+                concurrency=self.concurrent_topics(),
             )
             self.consumer.start()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()

@@ -7,9 +7,12 @@ with `hashing.decode_image` sees exactly the pixels dedup identified.
   segments (EXIF with its GPS position, XMP, IPTC, comments). Re-encoding a JPEG would lose quality
   and a lossless PNG of a photo is 3-5 times larger; removing segments leaves the compressed pixels
   untouched, and the result is re-hashed before it is trusted.
-- Everything else (PNG, WebP, GIF, anything with alpha or rotation) is stored as a PNG of the
-  normalised RGB pixels: lossless, so the invariant holds by construction, one format for readers,
-  no metadata carried over.
+- Plain PNGs (RGB or greyscale, no transparency, one frame, no EXIF rotation) keep their original
+  bytes minus the text, EXIF and time chunks: re-encoding them costs more CPU than the rest of the
+  decision (bench/pipeline profile) and gives the same pixels. Also re-hashed before it is trusted.
+- Everything else (palette PNGs, WebP, GIF, anything with alpha or rotation) is stored as a PNG of
+  the normalised RGB pixels: lossless, so the invariant holds by construction, one format for
+  readers, no metadata carried over.
 """
 
 from __future__ import annotations
@@ -73,15 +76,47 @@ def strip_jpeg_metadata(data: bytes) -> bytes | None:
     return None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Ancillary chunks that carry text, EXIF (position, orientation) or a timestamp; none changes pixels.
+_DROPPED_PNG_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"})
+
+
+def strip_png_metadata(data: bytes) -> bytes | None:
+    """The PNG without text, EXIF and time chunks; None when its chunk structure is not what we expect."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    out = [_PNG_SIGNATURE]
+    i, n = len(_PNG_SIGNATURE), len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind = data[i + 4 : i + 8]
+        end = i + 12 + length
+        if end > n or not kind.isalpha():
+            return None
+        if kind not in _DROPPED_PNG_CHUNKS:
+            out.append(data[i:end])
+        i = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
+
+
 def encode_png(decoded: DecodedImage) -> bytes:
     buffer = io.BytesIO()
     decoded.rgb.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
+# Format -> (metadata stripper, content type, label) of the originals that are kept.
+_ORIGINALS = {
+    "JPEG": (strip_jpeg_metadata, "image/jpeg", "jpeg-original"),
+    "PNG": (strip_png_metadata, "image/png", "png-original"),
+}
+
+
 def _keeps_original(decoded: DecodedImage) -> bool:
     return (
-        decoded.source_format == "JPEG"
+        decoded.source_format in _ORIGINALS
         and decoded.source_mode in ("RGB", "L")
         and not decoded.had_alpha
         and not decoded.transposed
@@ -91,12 +126,13 @@ def _keeps_original(decoded: DecodedImage) -> bool:
 
 def encode_for_storage(original: bytes, decoded: DecodedImage, pixel_sha256: str, max_pixels: int) -> StoredEncoding:
     if _keeps_original(decoded):
-        stripped = strip_jpeg_metadata(original)
+        strip, content_type, label = _ORIGINALS[decoded.source_format]
+        stripped = strip(original)
         if stripped is not None:
             try:
                 same = pixel_sha256_of(decode_image(stripped, max_pixels).rgb) == pixel_sha256
             except ImageRejected:
                 same = False
             if same:
-                return StoredEncoding(stripped, "image/jpeg", "jpeg-original")
+                return StoredEncoding(stripped, content_type, label)
     return StoredEncoding(encode_png(decoded), "image/png", "png-normalised")

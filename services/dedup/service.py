@@ -10,6 +10,11 @@ ImageStored) unchanged, so an event lost between the record and the commit is pu
 
 Near-duplicates are looked up in the index of every stored image, shared by the replicas through S3
 (services.dedup.sharedindex): loaded before consuming starts, flushed and refreshed between batches.
+
+The fetched images of one poll are decided by `IEX_DEDUP_DECISION_THREADS` threads at once (the
+consumer loop's `concurrency`): reading the decision record and the staged bytes, decoding, hashing
+and writing provenance and records overlap; the claim of a new object is taken in turns
+(services.dedup.store), so a batch decides exactly as one image after the other would.
 """
 
 from __future__ import annotations
@@ -158,6 +163,9 @@ class DedupService(Service):
         except Exception as exc:  # noqa: BLE001 - entries stay durable as intents; retried after the next batch
             self.index_errors_total.inc()
             log.warning("near-duplicate index maintenance failed", extra={"error": str(exc)[:300]})
+
+    def concurrent_topics(self) -> dict[str, int]:
+        return {topics.IMAGES_FETCHED.name: self.settings.decision_threads}
 
     def after_batch(self) -> None:
         try:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -181,6 +182,7 @@ class Deduplicator:
         self.policy = policy
         # None: exact duplicates only.
         self.near = near
+        self._claim = threading.RLock()
 
     # ---- the whole decision ------------------------------------------------------------------
     def decide_and_store(self, fetched: events_pb2.ImageFetched) -> DedupOutcome:
@@ -216,32 +218,37 @@ class Deduplicator:
             return DedupOutcome(decision, None), hashes, ""
 
         object_key = image_key(hashes.pixel_sha256)
-        existing = self._existing_object(hashes.pixel_sha256, fetched)
+        # Most images are new: encoded before the claim below, so that other images' decisions do not wait for it.
+        encoding = encode_for_storage(data, decoded, hashes.pixel_sha256, self.policy.max_image_pixels)
         bytes_written = 0
         near: NearMatch | None = None
-        if existing is None:
-            near = self._near_match(hashes)
-        if existing is not None and is_first_finder(existing, fetched):
-            # Our own object from an attempt that crashed before its decision record.
-            kind, size, stored_format = UNIQUE, _int(existing.get("size-bytes")), existing.get("format", "")
-            self._ensure_indexed(fetched, hashes, existing)
-        elif existing is not None:
-            kind, size, stored_format = EXACT_DUPLICATE, 0, existing.get("format", "")
-        elif near is not None:
-            kind, size, stored_format = NEAR_DUPLICATE, 0, ""
-        else:
-            encoding = encode_for_storage(data, decoded, hashes.pixel_sha256, self.policy.max_image_pixels)
-            metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
-            indexed = self._indexable(hashes)
-            if indexed:
-                bucket, staging_key = self._staged_location(fetched)
-                self.near.write_intent(
-                    Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, metadata, self.near.writer)
-                )
-            self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=metadata)
-            if indexed:
-                self.near.stored(hashes.pixel_sha256)
-            kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
+        # Concurrent decisions (the service decides a batch on several threads) take turns from the
+        # look for an existing object to the index entry and the object of a new one: two copies or
+        # near-copies decided at once must not both be UNIQUE. Everything else runs in parallel.
+        with self._claim:
+            existing = self._existing_object(hashes.pixel_sha256, fetched)
+            if existing is None:
+                near = self._near_match(hashes)
+            if existing is not None and is_first_finder(existing, fetched):
+                # Our own object from an attempt that crashed before its decision record.
+                kind, size, stored_format = UNIQUE, _int(existing.get("size-bytes")), existing.get("format", "")
+                self._ensure_indexed(fetched, hashes, existing)
+            elif existing is not None:
+                kind, size, stored_format = EXACT_DUPLICATE, 0, existing.get("format", "")
+            elif near is not None:
+                kind, size, stored_format = NEAR_DUPLICATE, 0, ""
+            else:
+                metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
+                indexed = self._indexable(hashes)
+                if indexed:
+                    bucket, staging_key = self._staged_location(fetched)
+                    self.near.write_intent(
+                        Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, metadata, self.near.writer)
+                    )
+                self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=metadata)
+                if indexed:
+                    self.near.stored(hashes.pixel_sha256)
+                kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
 
         decision = self._decision(fetched, kind, hashes.pixel_sha256)
         decision.object_key = object_key

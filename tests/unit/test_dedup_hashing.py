@@ -171,6 +171,35 @@ def test_alpha_png_is_stored_as_normalised_png():
     assert hashing.pixel_sha256(stored.data) == sha
 
 
+def test_plain_png_is_stored_as_its_original_bytes_without_text_chunks():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "someone@example.org")
+    info.add_text("Comment", "GPS 48.85 2.35", zip=True)
+    buffer = io.BytesIO()
+    photo(3).save(buffer, format="PNG", pnginfo=info, compress_level=1)
+    data = buffer.getvalue()
+    decoded = hashing.decode_image(data)
+    sha = hashing.pixel_sha256_of(decoded.rgb)
+    stored = encoding.encode_for_storage(data, decoded, sha, hashing.DEFAULT_MAX_PIXELS)
+    assert stored.label == "png-original" and stored.content_type == "image/png"
+    assert b"someone@example.org" not in stored.data and b"zTXt" not in stored.data and b"tEXt" not in stored.data
+    # The compressed pixel data is the original's, byte for byte (no re-encoding).
+    assert stored.data == data.replace(data[data.index(b"tEXt") - 4 : data.index(b"IDAT") - 4], b"")
+    assert hashing.pixel_sha256(stored.data) == sha
+
+
+def test_palette_png_is_normalised_and_malformed_png_is_not_stripped():
+    image = photo(4).convert("P")
+    data = png_bytes(image)
+    decoded = hashing.decode_image(data)
+    sha = hashing.pixel_sha256_of(decoded.rgb)
+    stored = encoding.encode_for_storage(data, decoded, sha, hashing.DEFAULT_MAX_PIXELS)
+    assert stored.label == "png-normalised" and hashing.pixel_sha256(stored.data) == sha
+    assert encoding.strip_png_metadata(b"not a png") is None
+    truncated = png_bytes(photo(5))[:-20]
+    assert encoding.strip_png_metadata(truncated) is None
+
+
 def test_malformed_jpeg_structure_is_not_stripped():
     assert encoding.strip_jpeg_metadata(b"not a jpeg") is None
     assert encoding.strip_jpeg_metadata(b"\xff\xd8\xff\xe1\x00\xff") is None
