@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import time
 from concurrent import futures
 
 import grpc
@@ -554,3 +555,33 @@ def test_entry_point_refuses_bad_settings_before_touching_anything():
     assert result.returncode == 2
     for variable in ("IEX_MIN_IMAGE_SIDE", "IEX_CONTAMINATION_MAX_DISTANCE", "IEX_NEAR_DUPLICATE_MAX_DISTANCE"):
         assert variable in result.stderr
+
+
+class SlowObjectStore(FakeObjectStore):
+    """Each look-up and write takes a moment, as over the network: concurrent decisions overlap."""
+
+    def stat_metadata(self, bucket, key):
+        time.sleep(0.01)
+        return super().stat_metadata(bucket, key)
+
+    def put_bytes(self, bucket, key, data, content_type="application/octet-stream", metadata=None):
+        time.sleep(0.01)
+        super().put_bytes(bucket, key, data, content_type, metadata)
+
+
+def test_copies_and_near_copies_decided_concurrently_are_stored_once():
+    store = SlowObjectStore()
+    dedup, directory = make_deduplicator(store)
+    directory.remember("exp-2", "")
+    copies = [encode(photo(21), compress_level=level) for level in range(1, 9)]
+    base = photo(22)
+    near = [encode(base, "JPEG", quality=q) for q in (95, 90, 85, 80, 75, 70)]
+    events = [fetched_event(store, data, exploration="exp-2", query=f"q-{i}", url=f"https://x.example/{i}.png") for i, data in enumerate(copies + near)]
+    with futures.ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(dedup.decide_and_store, events))
+    kinds = [o.decision.kind for o in outcomes]
+    copy_kinds, near_kinds = kinds[: len(copies)], kinds[len(copies) :]
+    assert copy_kinds.count(UNIQUE) == 1 and copy_kinds.count(EXACT_DUPLICATE) == len(copies) - 1
+    assert near_kinds.count(UNIQUE) == 1
+    assert all(k in (EXACT_DUPLICATE, common_pb2.DECISION_KIND_NEAR_DUPLICATE) for k in near_kinds if k != UNIQUE)
+    assert len(store.keys("images/")) == 2
