@@ -1,6 +1,8 @@
 """Sustained throughput of crawler -> dedup -> scorer on the local stack, against the crawler alone.
 
-    IEX_PORT_OFFSET=4000 IEX_STATE_DIR=/tmp/somewhere python -m bench.pipeline [--queries 150] [--images-per-query 16]
+    IEX_PORT_OFFSET=4000 IEX_STATE_DIR=/tmp/somewhere python -m bench.pipeline [--queries 150] [--images-per-query 16] [--s3 minio]
+
+Results go to bench/results/pipeline.json (pipeline-minio.json with --s3 minio; `--results -`: nowhere).
 
 The full local stack (six services, tansu, SeaweedFS, Triton) serving the offline web (`make data`),
 one exploration whose initial encoder (EfficientNet-Lite0, ImageNet weights) is served, then a
@@ -34,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +54,7 @@ from services.common.objectstore import ObjectStore  # noqa: E402
 from services.offlineweb import targets as target_sets  # noqa: E402
 from services.offlineweb.build import default_data_dir  # noqa: E402
 from services.offlineweb.upload import upload_target  # noqa: E402
-from services.stack import servers  # noqa: E402
+from services.stack import compat, servers  # noqa: E402
 
 BUCKET = "iex"
 EXPLORATION = "pipeline-1"
@@ -73,22 +76,17 @@ def cpu_snapshot(stack) -> dict[str, float]:
     return out
 
 
-S3_REQUEST_COUNTERS = ("SeaweedFS_s3_request_total", "minio_s3_requests_total")
+def s3_metrics_text(s3: str) -> str:
+    if s3 == "minio":
+        url = f"http://{compat.MINIO_ENDPOINT}/minio/v2/metrics/cluster"
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+            return response.read().decode()
+    return metrics_text(endpoints.S3_METRICS_PORT)
 
 
-def s3_requests(port: int | None = None) -> dict[str, float]:
+def s3_requests(s3: str = "seaweedfs") -> dict[str, float]:
     """Requests the S3 server counted, by type (GET, PUT, HEAD, DELETE, ...), from its own metrics."""
-    text = metrics_text(port or endpoints.S3_METRICS_PORT)
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name not in S3_REQUEST_COUNTERS:
-            continue
-        labels = line[line.find("{") + 1 : line.rfind("}")] if "{" in line else ""
-        fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
-        kind = (fields.get("type") or fields.get("api") or "all").strip('"')
-        out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    return servers.s3_request_counts(s3_metrics_text(s3))
 
 
 def kafka_records(bootstrap: str) -> dict[str, int]:
@@ -144,12 +142,12 @@ def lag_of(bootstrap: str) -> dict[str, int]:
     return {g: sum(group_lag(bootstrap, f"iex-{g}").values()) for g in PIPELINE}
 
 
-def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], images_per_query: int, limit_s: float, full: bool) -> dict:
+def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], images_per_query: int, limit_s: float, full: bool, s3: str) -> dict:
     prefix = f"{EXPLORATION}-{label}-"
     phase = Phase(label, rate=0.0, queries=len(texts))
     sampler = Sampler(stack, phase)
     cpu_before = cpu_snapshot(stack)
-    s3_before, kafka_before = s3_requests(), kafka_records(bootstrap)
+    s3_before, kafka_before = s3_requests(s3), kafka_records(bootstrap)
     sampler.start()
     t0 = time.time()
     for i, text in enumerate(texts):
@@ -197,7 +195,7 @@ def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], im
         sampler.done.set()
         sampler.join()
     cpu_after = cpu_snapshot(stack)
-    s3_after, kafka_after = s3_requests(), kafka_records(bootstrap)
+    s3_after, kafka_after = s3_requests(s3), kafka_records(bootstrap)
     span = max(1e-9, last - t0)
     cpu = {n: round(cpu_after[n] - cpu_before[n], 1) for n in cpu_after}
     images = max(1, counts.get("images_fetched", 0))
@@ -226,6 +224,41 @@ def run_phase(stack, publisher, bootstrap: str, label: str, texts: list[str], im
         "kafka_records_at_broker": kafka,
         "kafka_records_per_image": round(sum(kafka.values()) / images, 2),
     }
+
+
+# The paper's pace: ~25,000 images per iteration collected in under 5 minutes; and ten times that.
+CAPACITY_RATES = {"paper (25,000 images / 5 min)": 25_000 / 300, "10x paper": 250_000 / 300}
+CAPACITY_PROCESSES = ("crawler", "dedup", "scorer", "triton", "planner", "search", "kafka", "s3")
+
+
+def capacity(ours: dict) -> dict:
+    """Cores, S3 requests and Kafka records per second each target rate needs, from the measured costs per image."""
+    per_image = ours["cpu_ms_per_image"]
+    model = {
+        "images_per_s_per_core": {n: round(1000 / per_image[n], 1) if per_image.get(n) else None for n in CAPACITY_PROCESSES},
+        "rates": {},
+    }
+    for label, rate in CAPACITY_RATES.items():
+        model["rates"][label] = {
+            "images_per_s": round(rate, 1),
+            "cores": {n: round(rate * per_image.get(n, 0.0) / 1000, 2) for n in CAPACITY_PROCESSES},
+            "cores_total": round(rate * sum(per_image.get(n, 0.0) for n in CAPACITY_PROCESSES) / 1000, 1),
+            "s3_requests_per_s": round(rate * ours["s3_requests_per_image"]),
+            "kafka_records_per_s": round(rate * ours["kafka_records_per_image"]),
+        }
+    return model
+
+
+def capacity_table(model: dict) -> str:
+    labels = list(model["rates"])
+    lines = ["| process | images/s per core | " + " | ".join(f"cores for {label}" for label in labels) + " |", "|---|---:|" + "---:|" * len(labels)]
+    for n in CAPACITY_PROCESSES:
+        per_core = model["images_per_s_per_core"][n]
+        lines.append(f"| {n} | {per_core if per_core is not None else '-'} | " + " | ".join(str(model["rates"][l]["cores"][n]) for l in labels) + " |")
+    lines.append("| **all** | | " + " | ".join(f"**{model['rates'][l]['cores_total']}**" for l in labels) + " |")
+    lines.append("| S3 requests/s | | " + " | ".join(f"{model['rates'][l]['s3_requests_per_s']:,}" for l in labels) + " |")
+    lines.append("| Kafka records/s | | " + " | ".join(f"{model['rates'][l]['kafka_records_per_s']:,}" for l in labels) + " |")
+    return "\n".join(lines)
 
 
 def fmt_counts(counts: dict) -> str:
@@ -267,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--branch", default="food/fruit", help="target whose initial encoder is served (its bank scores the images)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--data-dir", default="")
-    parser.add_argument("--results", default="pipeline")
+    parser.add_argument("--s3", choices=("seaweedfs", "minio"), default="seaweedfs", help="S3 server: the embedded stack's SeaweedFS, or MinIO (built by `python -m services.stack.compat fetch`)")
+    parser.add_argument("--env", action="append", default=[], metavar="IEX_NAME=VALUE", help="a setting for every service (repeatable), e.g. IEX_DEDUP_DECISION_THREADS=1")
+    parser.add_argument("--results", default="", help="results name under bench/results (default: pipeline, pipeline-minio)")
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     if not (data_dir / "corpus.jsonl").is_file():
@@ -279,7 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IEX_SEARCH_CORPUS_DIR"] = str(data_dir)
     # Every query searches again in both phases (the crawler's search cache would answer the second).
     env = {**servers.stack_env(), "IEX_TRAINER_MAX_STEPS": "1", "IEX_TRAINER_BATCH_SIZE": "16", "IEX_CRAWLER_SEARCH_CACHE_ENTRIES": "0", "IEX_CRAWLER_SEARCH_CACHE_SHARED": "false"}
-    stack = servers.Stack(servers=("s3", "kafka", "triton"), services=servers.SERVICE_NAMES, service_env=env, echo=print)
+    minio = None
+    if args.s3 == "minio":
+        # The services reach MinIO through the usual IEX_S3_* settings; tansu keeps its log in memory.
+        os.environ.update({k: v for k, v in compat.compat_env().items() if k.startswith("IEX_S3_")})
+        minio = compat.minio()
+        minio.start()
+        minio.wait_ready()
+    env = {**servers.stack_env(), **{k: v for k, v in env.items() if not k.startswith("IEX_S3_")}}
+    for item in args.env:
+        name, _, value = item.partition("=")
+        if not name.startswith("IEX_") or not _:
+            parser.error(f"--env wants IEX_NAME=VALUE, got {item!r}")
+        env[name] = value
+    stack = servers.Stack(servers=("kafka", "triton") if minio else ("s3", "kafka", "triton"), services=servers.SERVICE_NAMES, service_env=env, echo=print)
+    if minio is not None:
+        stack._processes["s3"] = minio  # sampled (RSS, CPU) under the name "s3" like SeaweedFS
     stop_on_sigterm()
     load = LoadSampler()
     began = time.monotonic()
@@ -291,35 +341,45 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap, _ = prepare(stack, data_dir, args.branch, args.image_size)
         publisher = Publisher(KafkaConfig(bootstrap=bootstrap, client_id="bench-pipeline"), Metrics("bench_pipeline"))
         print(f"ours: {len(texts)} queries x {args.images_per_query} images through crawler -> dedup -> scorer", flush=True)
-        phases["ours"] = run_phase(stack, publisher, bootstrap, "ours", texts, args.images_per_query, args.limit_s, full=True)
+        phases["ours"] = run_phase(stack, publisher, bootstrap, "ours", texts, args.images_per_query, args.limit_s, full=True, s3=args.s3)
         print(json.dumps(phases["ours"]), flush=True)
         for name in ("dedup", "scorer"):
             stack.process(name).stop()
         print("reference: the crawler alone on the same queries (dedup and scorer stopped)", flush=True)
-        phases["reference"] = run_phase(stack, publisher, bootstrap, "ref", texts, args.images_per_query, args.limit_s, full=False)
+        phases["reference"] = run_phase(stack, publisher, bootstrap, "ref", texts, args.images_per_query, args.limit_s, full=False, s3=args.s3)
         print(json.dumps(phases["reference"]), flush=True)
         publisher.close()
     finally:
         load.done.set()
         stack.down()
+        if minio is not None:
+            minio.stop()
         shutil.rmtree(state, ignore_errors=True)
     text = table(phases["ours"], phases["reference"])
     print(text)
+    model = capacity(phases["ours"])
+    capacity_text = capacity_table(model)
+    print(capacity_text)
     ratio = phases["ours"]["images_per_s"] / phases["reference"]["images_per_s"] if phases["reference"]["images_per_s"] else None
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "machine_load": {**load.summary(), "note": "2 cores shared with other developers' stacks and tests while measuring"},
         "wall_s": round(time.monotonic() - began),
+        "s3_server": f"MinIO {compat.MINIO_VERSION}" if minio else "SeaweedFS (the embedded stack)",
+        "settings": args.env,
         "served_encoder": {"init": "efficientnet-lite0", "image_size": args.image_size, "target": args.branch},
         "reference": "the crawler alone on the same queries (dedup and scorer stopped)",
         "ours": "crawler -> dedup -> scorer",
         "phases": phases,
         "ratio_images_per_s": ratio,
         "table_markdown": text,
+        "capacity": model,
+        "capacity_markdown": capacity_text,
     }
-    if args.results:
-        out = REPO / "bench" / "results" / f"{args.results}.json"
+    name = args.results or ("pipeline-minio" if minio else "pipeline")
+    if name != "-":
+        out = REPO / "bench" / "results" / f"{name}.json"
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {out.relative_to(REPO)}")
     return 0 if phases["ours"]["finished_within_limit"] else 1

@@ -7,11 +7,12 @@ import io
 import json
 import logging
 import time
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from services.common.errors import DependencyUnavailable, PermanentError
@@ -28,6 +29,8 @@ _INVALID = {"InvalidRequest", "InvalidArgument", "InvalidObjectName", "XMinioInv
 
 
 PROBE_TIMEOUT_S = 2.0
+# S3's DeleteObjects takes at most this many keys per request.
+DELETE_MANY_MAX = 1000
 
 
 class InvalidObjectRequest(PermanentError, ValueError):
@@ -180,6 +183,21 @@ class ObjectStore:
 
     def delete(self, bucket: str, key: str) -> None:
         self._retry(f"delete {key}", lambda: self.client.remove_object(bucket, key))
+
+    def delete_many(self, bucket: str, keys: Sequence[str]) -> None:
+        """Deletes up to 1,000 keys in one request (S3 DeleteObjects); absent keys are fine."""
+        if not keys:
+            return
+        if len(keys) > DELETE_MANY_MAX:
+            raise ValueError(f"delete_many takes at most {DELETE_MANY_MAX} keys, got {len(keys)}")
+
+        def delete() -> None:
+            # The client sends the request when its error iterator is consumed.
+            errors = [e for e in self.client.remove_objects(bucket, [DeleteObject(key) for key in keys]) if e.code not in _ABSENT]
+            if errors:
+                raise DependencyUnavailable(f"s3 delete of {len(errors)} of {len(keys)} keys failed: {errors[0].code} {errors[0].name}")
+
+        self._retry(f"delete {len(keys)} keys", delete)
 
     def list_keys(self, bucket: str, prefix: str, recursive: bool = True) -> Iterator[str]:
         objects = self._retry(f"list {prefix}", lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=recursive)))

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlsplit
 
@@ -70,6 +70,11 @@ class CrawlerSettings(ServiceSettings):
         maximum=140.0,
     )
     crawler_max_bytes: int = setting(8 * 1024 * 1024, help="largest response body read; longer bodies are abandoned (too_large)", minimum=1024)
+    crawler_inline_max_bytes: int = setting(
+        256 * 1024,
+        help="images up to this size also travel inside their ImageFetched event, so dedup skips reading them back from S3 (0: never; keep under half of IEX_KAFKA_MAX_MESSAGE_BYTES)",
+        minimum=0,
+    )
     crawler_max_bytes_in_flight: int = setting(
         256 * 1024 * 1024,
         help="response bytes held in memory at once by all downloads (bodies read or being decoded); a body without Content-Length is charged crawler_max_bytes. Must be >= crawler_max_bytes",
@@ -238,6 +243,12 @@ class CrawlOutcome:
 
     fetched: tuple[events_pb2.ImageFetched, ...]
     crawled: events_pb2.QueryCrawled
+    # raw sha256 -> bytes carried in the events of the first publication only (never persisted or
+    # kept for replays: a republished event makes dedup read the staged copy instead).
+    inline: Mapping[str, bytes] = field(default_factory=dict)
+
+    def recorded(self) -> "CrawlOutcome":
+        return CrawlOutcome(self.fetched, self.crawled)
 
 
 class ReplayMemory:
@@ -374,7 +385,7 @@ class CrawlerService(Service):
         if outcomes is not None:
             # Durable before the first event goes out: whoever publishes this query again publishes these.
             outcomes.put(outcome.fetched, outcome.crawled)
-        self.replay.put(memory_key, outcome)
+        self.replay.put(memory_key, outcome.recorded())
         self._publish(outcome)
         with self._totals_lock:
             self._queries_crawled += 1
@@ -421,7 +432,9 @@ class CrawlerService(Service):
             crawled_at=now_timestamp(),
         )
         self.queries_crawled.labels(backend=backend).inc()
-        return CrawlOutcome(fetched, crawled)
+        limit = min(self.settings.crawler_inline_max_bytes, self.settings.kafka_max_message_bytes // 2)
+        inline = {r.sha256: r.data for r in ok if r.data is not None and len(r.data) <= limit}
+        return CrawlOutcome(fetched, crawled, inline)
 
     def _backend_name(self, requested: str) -> str:
         try:
@@ -508,6 +521,12 @@ class CrawlerService(Service):
     def _publish(self, outcome: CrawlOutcome) -> None:
         assert self.publisher is not None
         for event in outcome.fetched:
+            data = outcome.inline.get(event.raw_sha256)
+            if data:
+                carried = events_pb2.ImageFetched()
+                carried.CopyFrom(event)
+                carried.data = data
+                event = carried
             self.publisher.publish(topics.IMAGES_FETCHED, event, key=event.raw_sha256)
         # Last, so that a consumer seeing it has (per partition order of the producer) the count to expect.
         self.publisher.publish(topics.QUERIES_CRAWLED, outcome.crawled, key=outcome.crawled.exploration_id)

@@ -129,10 +129,13 @@ def encode_for_storage(original: bytes, decoded: DecodedImage, pixel_sha256: str
         strip, content_type, label = _ORIGINALS[decoded.source_format]
         stripped = strip(original)
         if stripped is not None:
-            try:
-                same = pixel_sha256_of(decode_image(stripped, max_pixels).rgb) == pixel_sha256
-            except ImageRejected:
-                same = False
+            # Nothing stripped: the very bytes the key was computed from, no second decode needed.
+            same = stripped == original
+            if not same:
+                try:
+                    same = pixel_sha256_of(decode_image(stripped, max_pixels).rgb) == pixel_sha256
+                except ImageRejected:
+                    same = False
             if same:
                 return StoredEncoding(stripped, content_type, label)
     return StoredEncoding(encode_png(decoded), "image/png", "png-normalised")

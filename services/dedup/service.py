@@ -111,6 +111,7 @@ class DedupService(Service):
             max_image_pixels=settings.max_image_pixels,
             min_image_side=settings.min_image_side,
             contamination_max_distance=settings.contamination_max_distance,
+            inline_max_bytes=min(settings.dedup_inline_max_bytes, settings.kafka_max_message_bytes // 2),
         )
         self.deduplicator = Deduplicator(self.store, bucket, self.guard, policy, near=self.near)
         self.stats = DedupStats(self.store, bucket, replica, settings.stats_persist_interval_s)
@@ -165,7 +166,7 @@ class DedupService(Service):
             log.warning("near-duplicate index maintenance failed", extra={"error": str(exc)[:300]})
 
     def concurrent_topics(self) -> dict[str, int]:
-        return {topics.IMAGES_FETCHED.name: self.settings.decision_threads}
+        return {topics.IMAGES_FETCHED.name: self.settings.dedup_decision_threads}
 
     def after_batch(self) -> None:
         try:

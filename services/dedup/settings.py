@@ -56,7 +56,12 @@ class DedupSettings(ServiceSettings):
         24, help="more index segments than this in S3 are merged (smallest first), bounding what a starting replica reads", minimum=2
     )
     target_refresh_s: float = setting(600.0, help="seconds before a target's evaluation listing is checked again for changes", minimum=1)
-    decision_threads: int = setting(
+    dedup_inline_max_bytes: int = setting(
+        256 * 1024,
+        help="new objects up to this size also travel in their ImageDecision, so the scorer skips reading them from S3 (0: never; keep under half of IEX_KAFKA_MAX_MESSAGE_BYTES)",
+        minimum=0,
+    )
+    dedup_decision_threads: int = setting(
         8, help="fetched images of one poll decided at once (their S3 round trips overlap; new-object claims take turns)", minimum=1, maximum=64
     )
     target_hash_workers: int = setting(4, help="threads fetching and hashing target evaluation images", minimum=1, maximum=64)

@@ -157,6 +157,9 @@ class DedupPolicy:
     # pHash + dHash distance to one evaluation image at or below which an image contaminates the
     # target; -1: identical pixels only.
     contamination_max_distance: int = 22
+    # A new object up to this size also travels in its ImageDecision (image_data), so the scorer
+    # need not read it back from S3; 0: never.
+    inline_max_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,8 @@ class Deduplicator:
         stored = None
         if kind == UNIQUE:
             decision.reason = "stored"
+            if bytes_written and bytes_written <= self.policy.inline_max_bytes:
+                decision.image_data = encoding.data  # exactly the object's bytes: the scorer's input is the same either way
             stored = events_pb2.ImageStored(
                 pixel_sha256=hashes.pixel_sha256,
                 object_key=object_key,
@@ -359,6 +364,8 @@ class Deduplicator:
         return self.bucket, fetched.staging_key
 
     def _staged_bytes(self, fetched: events_pb2.ImageFetched) -> bytes:
+        if fetched.data:
+            return fetched.data  # carried by the event; checked against raw_sha256 like the staged copy
         bucket, key = self._staged_location(fetched)
         data = self.store.get_or_none(bucket, key)
         if data is None:
@@ -455,10 +462,13 @@ def _int(value: str | None) -> int:
 
 
 def record_of(key: str, outcome: DedupOutcome, hashes: ImageHashes | None, stored_format: str) -> dict:
+    decision = events_pb2.ImageDecision()
+    decision.CopyFrom(outcome.decision)
+    decision.ClearField("image_data")  # the object holds the bytes; a replayed decision goes without them
     return {
         "record_version": RECORD_VERSION,
         "decision_key": key,
-        "decision": json_format.MessageToDict(outcome.decision, preserving_proto_field_name=True),
+        "decision": json_format.MessageToDict(decision, preserving_proto_field_name=True),
         "stored": None if outcome.stored is None else json_format.MessageToDict(outcome.stored, preserving_proto_field_name=True),
         "hashes": None
         if hashes is None

@@ -126,12 +126,22 @@ def parse_parked_key(key: str) -> tuple[str, int] | None:
     return exploration_id, int(stamp)
 
 
+def _without_bytes(decision) -> bytes:
+    """The event as parked: bytes carried for speed are left out (the scorer reads object_key later)."""
+    if not decision.image_data:
+        return decision.SerializeToString()
+    copy = type(decision)()
+    copy.CopyFrom(decision)
+    copy.ClearField("image_data")
+    return copy.SerializeToString()
+
+
 def parked_to_json(items: Sequence[ParkedDecision], parked_at: float) -> dict[str, Any]:
     return {
         "parked_at": parked_at,
         "decisions": [
             {
-                "event": base64.b64encode(item.decision.SerializeToString()).decode("ascii"),
+                "event": base64.b64encode(_without_bytes(item.decision)).decode("ascii"),
                 "topic": item.topic,
                 "partition": item.partition,
                 "offset": item.offset,

@@ -321,7 +321,8 @@ class ScorerService(Service):
         keys = [decision.object_key for decision in decisions]
 
         def load(index: int):
-            data = self.store.get_or_none(self.settings.s3_bucket, keys[index])
+            # A new object's bytes may travel in its decision (dedup's IEX_DEDUP_INLINE_MAX_BYTES).
+            data = decisions[index].image_data or self.store.get_or_none(self.settings.s3_bucket, keys[index])
             if data is None:
                 raise ItemFailed("object_missing", keys[index])
             try:

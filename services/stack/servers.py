@@ -492,6 +492,24 @@ def _write_weed_options() -> Path:
     return path
 
 
+# The S3 servers' own request counters: SeaweedFS (label "type") and MinIO (label "api").
+S3_REQUEST_COUNTERS = ("SeaweedFS_s3_request_total", "minio_s3_requests_total")
+
+
+def s3_request_counts(metrics_text: str) -> dict[str, float]:
+    """Requests an S3 server counted, by type (GET, PUT, DELETE, ...), from its Prometheus text."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name not in S3_REQUEST_COUNTERS:
+            continue
+        labels = line[line.find("{") + 1 : line.rfind("}")] if "{" in line else ""
+        fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
+        kind = (fields.get("type") or fields.get("api") or "all").strip('"').upper()
+        out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def s3_process(environ: Mapping[str, str] | None = None) -> ManagedProcess:
     """SeaweedFS `weed mini` with S3 on 127.0.0.1:18333; requests must be signed with the IEX_S3_* keys."""
     data = state_dir() / "data" / "s3"

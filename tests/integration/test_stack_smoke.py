@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -266,3 +267,26 @@ def test_s3_object_survives_server_kill(stack):
     # No retry on purpose: once `ready`, the server must serve what it had acknowledged.
     assert servers.s3_client(retries=False).get_object(bucket, "k").read() == b"kept"
     servers.s3_client(retries=False).put_object(bucket, "k2", io.BytesIO(b"new"), 3)
+
+
+def test_delete_many_removes_keys_in_one_request_and_ignores_absent_ones(stack):
+    from services.common.objectstore import ObjectStore
+
+    def s3_requests() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoints.S3_METRICS_PORT}/metrics", timeout=10) as response:  # noqa: S310 - loopback
+            return servers.s3_request_counts(response.read().decode())
+
+    env = servers.stack_env()
+    store = ObjectStore(env["IEX_S3_ENDPOINT"], env["IEX_S3_ACCESS_KEY"], env["IEX_S3_SECRET_KEY"])
+    bucket = f"many-{uuid.uuid4().hex[:8]}"
+    store.ensure_bucket(bucket)
+    for i in range(5):
+        store.put_bytes(bucket, f"wal/{i}", b"intent")
+    store.put_bytes(bucket, "kept", b"kept")
+    before = s3_requests()
+    store.delete_many(bucket, [f"wal/{i}" for i in range(5)] + ["wal/never-written"])
+    after = s3_requests()
+    assert list(store.list_keys(bucket, "wal/")) == [] and list(store.list_keys(bucket, "kept")) == ["kept"]
+    # Counted by the S3 server itself: one request for the six keys.
+    assert after.get("DELETE", 0) - before.get("DELETE", 0) == 1
+

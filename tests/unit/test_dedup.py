@@ -37,6 +37,13 @@ CONTAMINATES_TARGET = common_pb2.DECISION_KIND_CONTAMINATES_TARGET
 INVALID = common_pb2.DECISION_KIND_INVALID
 
 
+def without_bytes(decision: events_pb2.ImageDecision) -> events_pb2.ImageDecision:
+    copy = events_pb2.ImageDecision()
+    copy.CopyFrom(decision)
+    copy.ClearField("image_data")
+    return copy
+
+
 # ---- fakes ---------------------------------------------------------------------------------------
 class Crash(Exception):
     """Stands for the process dying at this point."""
@@ -49,6 +56,7 @@ class FakeObjectStore:
         self.objects: dict[tuple[str, str], tuple[bytes, str, dict[str, str]]] = {}
         self.crash_on_put: str | None = None  # fnmatch pattern of a key whose put "kills the process"
         self.puts: list[str] = []
+        self.deletes: list[int] = []  # keys per delete_many request
 
     def ensure_bucket(self, bucket: str) -> None:
         pass
@@ -87,6 +95,12 @@ class FakeObjectStore:
 
     def delete(self, bucket, key):
         self.objects.pop((bucket, key), None)
+
+    def delete_many(self, bucket, keys):
+        assert len(keys) <= 1000, "S3 DeleteObjects takes at most 1,000 keys"
+        self.deletes.append(len(keys))
+        for key in keys:
+            self.delete(bucket, key)
 
     def list_keys(self, bucket, prefix, recursive=True):
         return iter(sorted(k for b, k in self.objects if b == bucket and k.startswith(prefix)))
@@ -241,7 +255,9 @@ def test_redelivery_returns_the_same_decision_and_stores_nothing_twice(store, de
     again = dedup.decide_and_store(event)
 
     assert again.replayed and not first.replayed
-    assert again.decision == first.decision  # decided_at included: read back, not decided again
+    # decided_at included: read back, not decided again; the bytes carried for the scorer only in the first
+    assert first.decision.image_data and not again.decision.image_data
+    assert again.decision == without_bytes(first.decision)
     assert again.stored == first.stored
     assert again.bytes_written == 0
     assert store.puts == puts_before  # not a single write
@@ -451,10 +467,10 @@ def test_service_publishes_decisions_and_new_objects(store):
     assert len(stored) == 1
     assert stored[0][1] == stored[0][0].pixel_sha256 == decisions[0][0].pixel_sha256
 
-    # A redelivery publishes the recorded events again, identical, and decides nothing new.
+    # A redelivery publishes the recorded events again, identical but for the carried bytes, and decides nothing new.
     publisher.sent.clear()
     service.handle_image_fetched(unique_event, None)
-    assert publisher.on(topics.DECISIONS)[0][0] == decisions[0][0]
+    assert publisher.on(topics.DECISIONS)[0][0] == without_bytes(decisions[0][0])
     assert publisher.on(topics.IMAGES_STORED)[0][0] == stored[0][0]
     objects, counts = service.stats.totals()
     assert objects == 1
@@ -515,7 +531,7 @@ def test_grpc_get_decision(store, grpc_stub):
     outcome = service.handle_image_fetched(fetched_event(store, encode(photo(22))), None)
 
     found = stub.GetDecision(dedup_pb2.GetDecisionRequest(exploration_id="exp-1", raw_sha256=outcome.decision.raw_sha256.upper()))
-    assert found.decision == outcome.decision
+    assert found.decision == without_bytes(outcome.decision)
 
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetDecision(dedup_pb2.GetDecisionRequest(exploration_id="exp-1", raw_sha256="0" * 64))
@@ -585,3 +601,20 @@ def test_copies_and_near_copies_decided_concurrently_are_stored_once():
     assert near_kinds.count(UNIQUE) == 1
     assert all(k in (EXACT_DUPLICATE, common_pb2.DECISION_KIND_NEAR_DUPLICATE) for k in near_kinds if k != UNIQUE)
     assert len(store.keys("images/")) == 2
+
+
+def test_bytes_carried_by_the_event_are_decided_without_the_staged_copy_and_checked(store, dedup):
+    data = encode(photo(31))
+    event = fetched_event(store, data, exploration="exp-2")
+    event.data = data
+    store.delete(BUCKET, event.staging_key)  # were it read, the image would be a staging_missing error
+    outcome = dedup.decide_and_store(event)
+    assert outcome.decision.kind == UNIQUE
+    # The new object's bytes travel on to the scorer in the decision, never into the record in S3.
+    assert outcome.decision.image_data == store.get_or_none(BUCKET, outcome.decision.object_key)
+    record = store.get_json(BUCKET, store_mod.decision_key(event.exploration_id, event.query_id, event.raw_sha256, event.url))
+    assert "image_data" not in record["decision"]
+    tampered = fetched_event(store, encode(photo(32)), exploration="exp-2", query="q-t")
+    tampered.data = data
+    assert dedup.decide_and_store(tampered).decision.reason == "raw_sha256_mismatch"
+

@@ -125,6 +125,16 @@ def test_the_race_window_stores_both_and_is_counted_when_seen(store, clock):
     assert third.decision.kind == NEAR_DUPLICATE
 
 
+def test_a_flush_deletes_its_intents_in_one_request(store, clock):
+    a = Replica(store, clock, "a")
+    for seed in range(5):
+        assert a.decide(fetched_event(store, jpeg(picture(40 + seed)), query=f"q-{seed}")).decision.kind == UNIQUE
+    assert len(store.keys(segments.wal_prefix())) == 5
+    clock.now += 2
+    a.between_batches()
+    assert store.keys(segments.wal_prefix()) == [] and store.deletes == [5]
+
+
 def test_restart_loads_the_whole_index(store, clock):
     a = Replica(store, clock, "a")
     stored = [a.decide(fetched_event(store, jpeg(picture(i)), query=f"q-{i}")).decision for i in range(5)]

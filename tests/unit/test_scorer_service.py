@@ -598,6 +598,20 @@ def test_duplicates_hit_the_embedding_cache(ready):
     assert first.reward == second.reward
 
 
+def test_bytes_carried_by_the_decision_are_scored_without_reading_s3(ready):
+    service, store, _, _ = ready
+    service.handle_model_published(model_published(1))
+    read = decision(png((90, 30, 200)), store, name="read")
+    score(service, read)
+    carried = decision(png((90, 30, 200)), store, name="carried")
+    carried.image_data = store.get_or_none(BUCKET, carried.object_key)
+    store.delete(BUCKET, carried.object_key)  # were it read, it would be dead-lettered as object_missing
+    score(service, carried)
+    assert service.publisher.of(topics.DECISIONS.dead_letter) == []
+    first, second = service.publisher.of(topics.IMAGES_SCORED)
+    assert first.reward == second.reward
+
+
 def test_missing_or_undecodable_object_is_dead_lettered(ready):
     service, store, _, _ = ready
     service.handle_model_published(model_published(1))

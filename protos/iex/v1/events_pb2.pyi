@@ -130,6 +130,7 @@ class ImageFetched(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     FETCHED_AT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     exploration_id: _builtins.str
     iteration: _builtins.int
     query_id: _builtins.str
@@ -142,6 +143,11 @@ class ImageFetched(_message.Message):
     width: _builtins.int
     height: _builtins.int
     size_bytes: _builtins.int
+    data: _builtins.bytes
+    """The fetched bytes themselves when small (IEX_CRAWLER_INLINE_MAX_BYTES), so that dedup need not
+    read them back from staging; empty when large or when a persisted outcome is republished.
+    The staged object is written either way and stays the reference copy.
+    """
     @_builtins.property
     def fetched_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -159,10 +165,11 @@ class ImageFetched(_message.Message):
         height: _builtins.int = ...,
         size_bytes: _builtins.int = ...,
         fetched_at: _timestamp_pb2.Timestamp | None = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fetched_at", b"fetched_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "content_type", b"content_type", "exploration_id", b"exploration_id", "fetched_at", b"fetched_at", "height", b"height", "iteration", b"iteration", "query_id", b"query_id", "raw_sha256", b"raw_sha256", "size_bytes", b"size_bytes", "staging_key", b"staging_key", "url", b"url", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "content_type", b"content_type", "data", b"data", "exploration_id", b"exploration_id", "fetched_at", b"fetched_at", "height", b"height", "iteration", b"iteration", "query_id", b"query_id", "raw_sha256", b"raw_sha256", "size_bytes", b"size_bytes", "staging_key", b"staging_key", "url", b"url", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -253,6 +260,7 @@ class ImageDecision(_message.Message):
     OBJECT_KEY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
+    IMAGE_DATA_FIELD_NUMBER: _builtins.int
     exploration_id: _builtins.str
     iteration: _builtins.int
     query_id: _builtins.str
@@ -269,6 +277,12 @@ class ImageDecision(_message.Message):
     object_key: _builtins.str
     """Object holding the image the query is credited with (the new object, or the one it duplicates)."""
     reason: _builtins.str
+    image_data: _builtins.bytes
+    """Bytes that decode to the pixels of pixel_sha256 (the stored object of a UNIQUE decision, the
+    fetched bytes of an exact duplicate) when dedup had them in hand and they are small, so that
+    the scorer need not read them from S3; empty otherwise (then it reads object_key). Never in
+    the decision records in S3.
+    """
     @_builtins.property
     def decided_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -288,10 +302,11 @@ class ImageDecision(_message.Message):
         object_key: _builtins.str = ...,
         reason: _builtins.str = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
+        image_data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "contaminated_target_id", b"contaminated_target_id", "decided_at", b"decided_at", "duplicate_of", b"duplicate_of", "exploration_id", b"exploration_id", "hamming_distance", b"hamming_distance", "iteration", b"iteration", "kind", b"kind", "object_key", b"object_key", "pixel_sha256", b"pixel_sha256", "query_id", b"query_id", "raw_sha256", b"raw_sha256", "reason", b"reason", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "contaminated_target_id", b"contaminated_target_id", "decided_at", b"decided_at", "duplicate_of", b"duplicate_of", "exploration_id", b"exploration_id", "hamming_distance", b"hamming_distance", "image_data", b"image_data", "iteration", b"iteration", "kind", b"kind", "object_key", b"object_key", "pixel_sha256", b"pixel_sha256", "query_id", b"query_id", "raw_sha256", b"raw_sha256", "reason", b"reason", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
