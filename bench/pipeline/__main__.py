@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "machine_load": {**load.summary(), "note": "2 cores shared with other developers' stacks and tests while measuring"},
+        "machine_load": {**load.summary(), "note": "1-minute load average sampled over the run, the benchmark's own stack included"},
         "wall_s": round(time.monotonic() - began),
         "s3_server": f"MinIO {compat.MINIO_VERSION}" if minio else "SeaweedFS (the embedded stack)",
         "settings": args.env,
