@@ -259,7 +259,7 @@ class Plan:
     descriptors: list[Descriptor]
     probabilities: np.ndarray  # float64 [P]: chance of each concept per query draw
     posterior: gp.Posterior | None
-    method: str  # uniform | prior | exact | fic
+    method: str  # uniform | observed | prior | exact | fic | pic
     observations_used: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
@@ -275,6 +275,19 @@ def concept_distribution(scores: np.ndarray, params: SamplingParams) -> np.ndarr
     return sampling.next_distribution(scores, spread=params.spread, tiers=params.tiers, masses=params.masses)
 
 
+SCORINGS = ("optimistic", "mean", "observed")
+
+
+def observed_scores(pool: Pool, rewards: dict[str, list[float]]) -> tuple[np.ndarray, int]:
+    """Without the Gaussian process: mean observed reward per concept, the overall mean elsewhere."""
+    observed = {pool.index[k]: float(np.mean(v)) for k, v in rewards.items() if k in pool.index and v}
+    prior = float(np.mean(list(observed.values()))) if observed else 0.0
+    scores = np.full(len(pool), prior, dtype=np.float64)
+    for row, value in observed.items():
+        scores[row] = value
+    return scores, sum(len(v) for k, v in rewards.items() if k in pool.index)
+
+
 def make_plan(
     pool: Pool,
     rewards: dict[str, list[float]],
@@ -286,13 +299,20 @@ def make_plan(
     model_params: ModelParams = ModelParams(),
     reward_model: RewardModel | None = None,
     descriptors: DescriptorSource | None = None,
+    scoring: str = "optimistic",
 ) -> Plan:
     """Chooses `queries` concepts of the pool.
 
     Modes: "uniform" (the random baseline, and labels-only over a pool of labels), "ie" (the paper:
     GP mu + sigma, tempered softmax, tiers) and "labels" (each query is a label with probability
     `label_fraction`, otherwise drawn like "ie" from the non-label concepts).
+
+    `scoring` replaces the paper's acquisition score, for its ablations: "optimistic" (mu + sigma,
+    the paper), "mean" (mu: no uncertainty term) and "observed" (no Gaussian process: a concept's
+    mean observed reward, every concept never queried at the mean over those that were).
     """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     began = time.perf_counter()
     timings: dict[str, float] = {}
     P = len(pool)
@@ -303,11 +323,15 @@ def make_plan(
         picks = sampling.sample(probs, queries, rng).tolist()
         method = "uniform"
     else:
-        model = reward_model or RewardModel()
-        posterior, used = model.posterior(pool, rewards, model_params)
-        method = posterior.method
+        if scoring == "observed":
+            scores, used = observed_scores(pool, rewards)
+            method = "observed"
+        else:
+            model = reward_model or RewardModel()
+            posterior, used = model.posterior(pool, rewards, model_params)
+            method = posterior.method
+            scores = (posterior.optimistic if scoring == "optimistic" else posterior.mean).astype(np.float64)
         timings["posterior"] = time.perf_counter() - began
-        scores = posterior.optimistic.astype(np.float64)
         t = time.perf_counter()
         if mode == "labels":
             concept_rows = np.flatnonzero(~pool.is_label)

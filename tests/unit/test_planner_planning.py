@@ -26,18 +26,39 @@ def clustered_world(seed: int, size: int = 8000, dimension: int = 64, clusters: 
     return pool, x @ target, rng
 
 
-def explore(pool, true_reward, mode: str, iterations: int, rng, model=None, queries: int = 256, params=planning.ModelParams()):
+def explore(pool, true_reward, mode: str, iterations: int, rng, model=None, queries: int = 256, params=planning.ModelParams(), scoring="optimistic"):
     """Runs the loop with rewards drawn from the truth; returns the plans."""
     rewards: dict[str, list[float]] = {}
     plans = []
     for iteration in range(1, iterations + 1):
         plan = planning.make_plan(
-            pool, rewards, mode=mode, queries=queries, rng=np.random.default_rng([9, iteration]), reward_model=model, model_params=params
+            pool, rewards, mode=mode, queries=queries, rng=np.random.default_rng([9, iteration]), reward_model=model, model_params=params, scoring=scoring
         )
         plans.append(plan)
         for row in plan.picks:
             rewards.setdefault(pool.keys[row], []).append(float(true_reward[row] + 0.02 * rng.normal()))
     return plans
+
+
+def test_ablation_scorings_are_what_they_say():
+    pool, truth, rng = clustered_world(seed=3, size=3000)
+    model = planning.RewardModel(device="cpu")
+    rewards = {pool.keys[row]: [float(truth[row])] for row in range(0, 3000, 25)}
+    kwargs = dict(mode="ie", queries=64, reward_model=model, model_params=planning.ModelParams(exact_max=600))
+    optimistic = planning.make_plan(pool, rewards, rng=np.random.default_rng(0), **kwargs)
+    mean = planning.make_plan(pool, rewards, rng=np.random.default_rng(0), scoring="mean", **kwargs)
+    observed = planning.make_plan(pool, rewards, rng=np.random.default_rng(0), scoring="observed", **kwargs)
+    assert optimistic.method == mean.method == "exact" and observed.method == "observed" and observed.posterior is None
+    # Without sigma the distribution follows mu alone; without the GP only observed concepts stand out.
+    assert not np.allclose(optimistic.probabilities, mean.probabilities)
+    scores, used = planning.observed_scores(pool, rewards)
+    observed_rows = [pool.index[k] for k in rewards]
+    assert used == len(rewards) and np.isclose(scores[observed_rows], truth[observed_rows]).all()
+    assert np.allclose(np.delete(scores, observed_rows), np.mean(truth[observed_rows]))
+    best = int(np.argmax(truth[observed_rows]))
+    assert observed.probabilities[observed_rows[best]] == observed.probabilities.max()
+    with pytest.raises(ValueError, match="scoring"):
+        planning.make_plan(pool, rewards, rng=np.random.default_rng(0), scoring="greedy", **kwargs)
 
 
 def test_gp_sampler_queries_far_more_high_reward_concepts_than_random():

@@ -1,0 +1,286 @@
+"""Why exploration finds the target's data or misses it: the loop's two halves measured apart, at the paper's query budget.
+
+    python -m bench.exploration.diagnose [--branch animals --branch food ...] [--seeds 0,1,2]
+                                         [--rounds 5] [--queries 256] [--images-per-query 16]
+
+One process over the offline web (`make data`), no services: the same library code the services
+run (the planner's `make_plan` over the 146,347 WordNet nouns, the search service's caption index,
+the scorer's reward rule), with a fixed encoder: the ImageNet-initialised EfficientNet-Lite0 that
+an exploration serves as v1. Per target (a Tux Paint branch; relevance = the corpus image's
+synset lies in the target's WordNet subtree, read only to score):
+
+1. **The reward** (the scorer's half): every corpus image's reward (mean cosine similarity to its
+   k = 15 nearest target train images) against relevance: ROC AUC and precision@k, per input size.
+2. **The planner** (the other half), each arm for `rounds` rounds of `queries` queries x
+   `images-per-query` results, over several seeds, yield = relevant share of the new images
+   (not collected before by the same run), per round and cumulatively:
+   - `random`: concepts drawn uniformly from the vocabulary (the paper's baseline);
+   - `ie`: the paper's GP (mu + sigma), concept reward = mean of the top-10 image rewards;
+   - `ie-mean`: without the uncertainty term (mu only);
+   - `ie-observed`: without the Gaussian process (observed concepts' mean rewards only);
+   - `oracle`: the paper's GP fed each query's true relevant share as its concept reward, the
+     planner's ceiling: if it is far above `ie`, the reward is the weak half; if not, the planner is.
+
+The encoder is never retrained here, so `ie` is the paper's "fixed encoder" ablation; the
+retrained loop is `bench.learning` (small budget, with training) and `bench.exploration` (the
+stack). Ratios to random carry a bootstrap interval over seeds (paired by seed). Writes
+bench/results/exploration-diagnosis.json; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.learning import explore
+from bench.learning.__main__ import PROFILES, OfflineWeb, initial_state, machine, vocabulary_pool
+from services.common.images import square_pixels
+from services.common.rewards import concept_reward
+from services.offlineweb import targets as target_sets
+from services.offlineweb.build import default_data_dir
+from services.planner import planning
+from services.scorer.rewards import knn_rewards
+from services.trainer import evaluation
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+ARMS = ("random", "ie", "ie-mean", "ie-observed", "oracle")
+# arm -> (make_plan mode, scoring, concept reward from image rewards or from the ground truth)
+ARM_SPECS = {
+    "random": ("uniform", "optimistic", "reward"),
+    "ie": ("ie", "optimistic", "reward"),
+    "ie-mean": ("ie", "mean", "reward"),
+    "ie-observed": ("ie", "observed", "reward"),
+    "oracle": ("ie", "optimistic", "truth"),
+}
+MAX_PIXELS = 64_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward's half
+
+
+def embed_corpus(web: OfflineWeb, size: int, device: torch.device, chunk: int = 256) -> np.ndarray:
+    """L2-normalised embeddings of every corpus image at `size` px (centre square, as the scorer)."""
+    state = initial_state(dataclasses.replace(PROFILES["cpu"], image_size=size), device, 0)
+    out = []
+    for start in range(0, len(web.records), chunk):
+        rows = range(start, min(start + chunk, len(web.records)))
+        pixels = explore.to_tensor([square_pixels(web.path(r).read_bytes(), size, max_pixels=MAX_PIXELS) for r in rows])
+        out.append(evaluation.embed(state.backbone, pixels, state.config.mean, state.config.std, device).numpy())
+    return np.concatenate(out)
+
+
+def embed_paths(paths: list[Path], size: int, device: torch.device) -> np.ndarray:
+    state = initial_state(dataclasses.replace(PROFILES["cpu"], image_size=size), device, 0)
+    pixels = explore.to_tensor([square_pixels(p.read_bytes(), size, max_pixels=MAX_PIXELS) for p in paths])
+    return evaluation.embed(state.backbone, pixels, state.config.mean, state.config.std, device).numpy()
+
+
+def precision_at(rewards: np.ndarray, relevant: np.ndarray, k: int) -> float:
+    top = np.argsort(-rewards, kind="stable")[:k]
+    return float(relevant[top].mean()) if k else float("nan")
+
+
+def reward_quality(rewards: np.ndarray, relevant: np.ndarray) -> dict:
+    n_relevant = int(relevant.sum())
+    return {
+        "roc_auc": round(explore.reward_auc(rewards, relevant), 4),
+        "precision_at_relevant_count": round(precision_at(rewards, relevant, n_relevant), 4),
+        "precision_at_100": round(precision_at(rewards, relevant, 100), 4),
+        "precision_at_1000": round(precision_at(rewards, relevant, 1000), 4),
+        "base_rate": round(float(relevant.mean()), 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner's half
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    new: list[int] = field(default_factory=list)  # new images per round
+    relevant: list[int] = field(default_factory=list)  # of which relevant
+    top_concepts: list[str] = field(default_factory=list)
+    plan_seconds: float = 0.0
+
+    def yields(self) -> list[float]:
+        return [r / n if n else 0.0 for r, n in zip(self.relevant, self.new)]
+
+    def cumulative(self) -> list[float]:
+        return [sum(self.relevant[: i + 1]) / max(1, sum(self.new[: i + 1])) for i in range(len(self.new))]
+
+
+def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_reward: np.ndarray, relevant: np.ndarray,
+            reward_model: planning.RewardModel, rounds: int, queries: int, images_per_query: int) -> Run:
+    mode, scoring, source = ARM_SPECS[arm]
+    rng = np.random.default_rng([seed, ARMS.index(arm)])
+    rewards: dict[str, list[float]] = {}
+    seen: set[int] = set()
+    run = Run(arm, seed)
+    for _ in range(rounds):
+        began = time.perf_counter()
+        plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring)
+        run.plan_seconds += time.perf_counter() - began
+        hits = web.search([pool.names[i] for i in plan.picks], images_per_query)
+        for row, found in zip(plan.picks, hits):
+            if source == "truth":
+                value = float(relevant[found].mean()) if found else 0.0
+            else:
+                value = concept_reward(image_reward[r] for r in found) if found else 0.0
+            rewards.setdefault(pool.keys[row], []).append(value)
+        new = sorted({r for found in hits for r in found} - seen)
+        seen.update(new)
+        run.new.append(len(new))
+        run.relevant.append(int(relevant[new].sum()))
+    best = sorted(((float(np.mean(v)), k) for k, v in rewards.items()), reverse=True)[:8]
+    run.top_concepts = [pool.names[pool.index[k]] for _, k in best]
+    return run
+
+
+def ratio_interval(numerator: list[float], denominator: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """mean(numerator) / mean(denominator) with a bootstrap interval over seeds, resampled in pairs."""
+    a, b = np.asarray(numerator, float), np.asarray(denominator, float)
+    point = float(a.mean() / b.mean()) if b.mean() else float("nan")
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(a), len(a))
+        if b[index].mean():
+            draws.append(a[index].mean() / b[index].mean())
+    low, high = (np.quantile(draws, [0.025, 0.975]) if draws else (float("nan"), float("nan")))
+    return {"ratio": round(point, 3), "low": round(float(low), 3), "high": round(float(high), 3), "seeds": len(a)}
+
+
+def summarise(branch: str, runs: list[Run], quality: dict, relevant: np.ndarray, rounds: int) -> dict:
+    by_arm: dict[str, list[Run]] = {}
+    for run in runs:
+        by_arm.setdefault(run.arm, []).append(run)
+    arms = {}
+    for arm, found in by_arm.items():
+        cumulative = np.array([r.cumulative() for r in found])
+        per_round = np.array([r.yields() for r in found])
+        arms[arm] = {
+            "cumulative_yield_mean": [round(float(v), 4) for v in cumulative.mean(0)],
+            "cumulative_yield_per_seed": [[round(float(v), 4) for v in row] for row in cumulative],
+            "round_yield_mean": [round(float(v), 4) for v in per_round.mean(0)],
+            "new_images_mean": [round(float(v), 1) for v in np.mean([r.new for r in found], 0)],
+            "plan_seconds_mean": round(float(np.mean([r.plan_seconds for r in found])), 1),
+            "top_concepts_seed0": found[0].top_concepts,
+        }
+    random_final = [r.cumulative()[-1] for r in sorted(by_arm.get("random", []), key=lambda r: r.seed)]
+    for arm, found in by_arm.items():
+        if arm == "random" or not random_final:
+            continue
+        final = [r.cumulative()[-1] for r in sorted(found, key=lambda r: r.seed)]
+        arms[arm]["cumulative_vs_random"] = ratio_interval(final, random_final)
+    return {
+        "branch": branch,
+        "relevant_web_images": int(relevant.sum()),
+        "corpus_images": int(relevant.size),
+        "base_rate": round(float(relevant.mean()), 4),
+        "reward_quality": quality,
+        "arms": arms,
+        "rounds": rounds,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    print(f"  base rate {summary['base_rate']:.2%} ({summary['relevant_web_images']} relevant of {summary['corpus_images']:,})")
+    for size, q in summary["reward_quality"].items():
+        print(f"  reward at {size}: AUC {q['roc_auc']:.3f}, precision@relevant {q['precision_at_relevant_count']:.3f}, @100 {q['precision_at_100']:.2f}, @1000 {q['precision_at_1000']:.3f}")
+    for arm, a in summary["arms"].items():
+        vs = a.get("cumulative_vs_random")
+        versus = f"  vs random {vs['ratio']:.2f}x [{vs['low']:.2f}, {vs['high']:.2f}]" if vs else ""
+        print(f"  {arm:12s} cumulative yield {' '.join(f'{v:.3f}' for v in a['cumulative_yield_mean'])}{versus}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.exploration.diagnose", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--branch", action="append", help="Tux Paint branch (repeatable; default animals, food, plants, household, vehicles)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=256, help="queries per round (the paper: 256)")
+    parser.add_argument("--images-per-query", type=int, default=16)
+    parser.add_argument("--sizes", default="64,96,128", help="encoder input sizes whose reward quality is measured")
+    parser.add_argument("--serve-size", type=int, default=96, help="input size of the rewards the planner arms use (the stack's default)")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--vocabulary", choices=("wordnet", "corpus"), default="wordnet")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "exploration-diagnosis.json")
+    args = parser.parse_args(argv)
+    branches = args.branch or ["animals", "food", "plants", "household", "vehicles"]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = [a for a in args.arms.split(",") if a]
+    if set(arms) - set(ARMS):
+        parser.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}")
+    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | {args.serve_size})
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device("cpu")
+    data_dir = args.data or default_data_dir()
+    started = time.perf_counter()
+    print(f"bench.exploration.diagnose: {branches}, seeds {seeds}, {args.rounds} rounds x {args.queries} queries x {args.images_per_query} images, arms {arms}, on {machine()}", flush=True)
+    web = OfflineWeb(data_dir)
+    vocabulary, embeddings = vocabulary_pool(args.vocabulary, web)
+    pool = planning.vocabulary_pool(vocabulary, embeddings)
+    reward_model = planning.RewardModel(device="cpu")
+    corpus = {}
+    for size in sizes:
+        began = time.perf_counter()
+        corpus[size] = embed_corpus(web, size, device)
+        print(f"  corpus embedded at {size} px in {time.perf_counter() - began:.0f} s", flush=True)
+    results = []
+    for branch in branches:
+        directory = target_sets.target_dir(data_dir, branch)
+        target = target_sets.Target.load(directory)
+        relevant = web.relevant(target)
+        train = sorted((directory / "train").glob("*"))
+        quality, serve_rewards = {}, None
+        for size in sizes:
+            rewards = knn_rewards(corpus[size], embed_paths(train, size, device))
+            quality[f"{size}px"] = reward_quality(rewards, relevant)
+            if size == args.serve_size:
+                serve_rewards = rewards
+        print(f"\n== {branch}: {len(train)} train images", flush=True)
+        runs = []
+        for seed in seeds:
+            for arm in arms:
+                run = run_arm(arm, seed, pool, web, serve_rewards, relevant, reward_model, args.rounds, args.queries, args.images_per_query)
+                runs.append(run)
+                print(f"    {arm:12s} seed {seed}: new {run.new}, relevant {run.relevant} (plans {run.plan_seconds:.0f} s)", flush=True)
+        summary = summarise(branch, runs, quality, relevant, args.rounds)
+        print_summary(summary)
+        results.append(summary)
+        write(args, seeds, arms, sizes, results, started, complete=branch == branches[-1])
+    print(f"\nwrote {args.out} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def write(args, seeds: list[int], arms: list[str], sizes: list[int], results: list[dict], started: float, complete: bool) -> None:
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "complete": complete,
+        "wall_seconds": round(time.perf_counter() - started),
+        "budget": {"rounds": args.rounds, "queries_per_round": args.queries, "images_per_query": args.images_per_query, "seeds": seeds, "vocabulary": args.vocabulary},
+        "encoder": {"init": "efficientnet-lite0 (ImageNet), never retrained", "reward": "mean cosine to the k=15 nearest target train images", "sizes": sizes, "serve_size": args.serve_size},
+        "arms": {arm: dict(zip(("mode", "scoring", "concept_reward"), ARM_SPECS[arm])) for arm in arms},
+        "targets": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

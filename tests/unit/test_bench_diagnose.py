@@ -1,0 +1,41 @@
+"""Pure logic of bench/exploration/diagnose: reward quality, yields, ratios to random with intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.exploration import diagnose
+
+
+def test_reward_quality_of_a_perfect_and_a_useless_reward():
+    relevant = np.array([True] * 10 + [False] * 90)
+    perfect = diagnose.reward_quality(np.linspace(1, 0, 100), relevant)
+    assert perfect["roc_auc"] == 1.0 and perfect["precision_at_relevant_count"] == 1.0 and perfect["base_rate"] == 0.1
+    assert perfect["precision_at_100"] == pytest.approx(0.1)
+    useless = diagnose.reward_quality(np.zeros(100), relevant)
+    assert useless["roc_auc"] == 0.5  # ties count half
+
+
+def test_run_yields_are_per_round_and_cumulative_over_new_images():
+    run = diagnose.Run("ie", 0, new=[100, 50, 0], relevant=[10, 20, 0])
+    assert run.yields() == [0.1, 0.4, 0.0]
+    assert run.cumulative() == pytest.approx([0.1, 30 / 150, 30 / 150])
+
+
+def test_ratio_interval_is_paired_by_seed_and_covers_the_point():
+    out = diagnose.ratio_interval([0.30, 0.20, 0.25], [0.10, 0.10, 0.05])
+    assert out["ratio"] == pytest.approx(0.75 / 0.25)
+    assert out["low"] <= out["ratio"] <= out["high"] and out["seeds"] == 3
+    same = diagnose.ratio_interval([0.1, 0.1], [0.1, 0.1])
+    assert same["ratio"] == same["low"] == same["high"] == 1.0
+
+
+def test_summary_reports_each_arm_against_random():
+    runs = [diagnose.Run("random", s, [100, 100], [5, 5]) for s in range(3)] + [diagnose.Run("ie", s, [100, 100], [10, 20 + s]) for s in range(3)]
+    summary = diagnose.summarise("animals", runs, {}, np.array([True, False, False, False]), rounds=2)
+    assert summary["base_rate"] == 0.25
+    assert summary["arms"]["random"]["cumulative_yield_mean"] == [0.05, 0.05]
+    vs = summary["arms"]["ie"]["cumulative_vs_random"]
+    assert vs["ratio"] == pytest.approx(np.mean([30, 31, 32]) / 200 / 0.05, abs=1e-3)
+    assert "cumulative_vs_random" not in summary["arms"]["random"]
