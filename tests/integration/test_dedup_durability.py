@@ -293,12 +293,19 @@ def test_index_survives_a_kill_and_a_mid_batch_kill_stores_each_picture_once(sta
     assert all(len(shas) == 1 for shas in per_group.values()), per_group
     assert sum(d.kind == UNIQUE for d in third.values()) == groups
 
-    # Every published decision is its record (a redelivery publishes the same one again).
+    # Every published decision is its record (a redelivery publishes the same one again); a new
+    # object's bytes ride along for the scorer in the first publication only, exactly the object's.
     recorded = records(store)
     published = read_decisions(stack.env()["IEX_KAFKA_BOOTSTRAP"], at_least=len(recorded))
     assert {(d.query_id, d.raw_sha256, d.url) for d in published} == set(recorded)
+    carried = 0
     for decision in published:
+        if decision.image_data:
+            carried += 1
+            assert decision.kind == UNIQUE and decision.image_data == store.get_bytes(BUCKET, decision.object_key)
+            decision.ClearField("image_data")
         assert decision == recorded[(decision.query_id, decision.raw_sha256, decision.url)]
+    assert carried > 0
 
     # The shared index holds every stored picture, as a replica starting now would load it.
     deadline = time.monotonic() + 30
