@@ -30,12 +30,18 @@ PARTITIONS = 2
 
 
 @pytest.fixture(scope="session")
-def compat_servers() -> Iterator[dict[str, ManagedProcess]]:
+def compat_servers(tmp_path_factory) -> Iterator[dict[str, ManagedProcess]]:
     ok, reason = compat.available()
     if not ok:
         pytest.skip(f"optional capability compat-servers: {reason}")
+    # Servers a developer already started with `compat up` (state in the default directory) are
+    # used and left running; those started here keep their data in a directory of this session
+    # only. In the default directory a second run of the suite met the first run's topics and
+    # buckets (the vertical slice found its exploration already finished, trained elsewhere).
+    saved = os.environ.get("IEX_STATE_DIR")
+    if not any(proc.running() for proc in compat.processes()):
+        os.environ["IEX_STATE_DIR"] = str(tmp_path_factory.mktemp("compat-state"))
     procs = compat.processes()
-    # Servers a developer already started with `compat up` are used and left running.
     ours = [proc for proc in procs if not proc.running()]
     try:
         for proc in ours:
@@ -44,10 +50,16 @@ def compat_servers() -> Iterator[dict[str, ManagedProcess]]:
             proc.wait_ready()
         yield {proc.name: proc for proc in procs}
     finally:
-        for proc in ours:
-            pid = proc.pid()
-            proc.stop()
-            assert pid is None or not pid_alive(pid), f"{proc.name} (pid {pid}) outlived its stop"
+        try:
+            for proc in ours:
+                pid = proc.pid()
+                proc.stop()
+                assert pid is None or not pid_alive(pid), f"{proc.name} (pid {pid}) outlived its stop"
+        finally:
+            if saved is None:
+                os.environ.pop("IEX_STATE_DIR", None)
+            else:
+                os.environ["IEX_STATE_DIR"] = saved
 
 
 def _listening_addresses(pid: int) -> set[tuple[str, int]]:
