@@ -72,7 +72,7 @@ class CrawlerSettings(ServiceSettings):
     crawler_max_bytes: int = setting(8 * 1024 * 1024, help="largest response body read; longer bodies are abandoned (too_large)", minimum=1024)
     crawler_inline_max_bytes: int = setting(
         256 * 1024,
-        help="images up to this size also travel inside their ImageFetched event, so dedup skips reading them back from S3 (0: never; keep under half of IEX_KAFKA_MAX_MESSAGE_BYTES)",
+        help="images up to this size travel inside their ImageFetched event instead of a staging object in S3 (Kafka holds them until dedup decides; the persisted crawl outcome for redeliveries); larger ones are staged. 0: stage every image. Capped at half of IEX_KAFKA_MAX_MESSAGE_BYTES",
         minimum=0,
     )
     crawler_max_bytes_in_flight: int = setting(
@@ -243,12 +243,11 @@ class CrawlOutcome:
 
     fetched: tuple[events_pb2.ImageFetched, ...]
     crawled: events_pb2.QueryCrawled
-    # raw sha256 -> bytes carried in the events of the first publication only (never persisted or
-    # kept for replays: a republished event makes dedup read the staged copy instead).
-    inline: Mapping[str, bytes] = field(default_factory=dict)
 
-    def recorded(self) -> "CrawlOutcome":
-        return CrawlOutcome(self.fetched, self.crawled)
+    @property
+    def carries_bytes(self) -> bool:
+        """Some images travel only inside their events (never staged): the persisted record holds them."""
+        return any(event.data for event in self.fetched)
 
 
 class ReplayMemory:
@@ -385,7 +384,10 @@ class CrawlerService(Service):
         if outcomes is not None:
             # Durable before the first event goes out: whoever publishes this query again publishes these.
             outcomes.put(outcome.fetched, outcome.crawled)
-        self.replay.put(memory_key, outcome.recorded())
+        if not outcome.carries_bytes:
+            # Carried bytes stay out of memory (a thousand queries of them would be gigabytes); a
+            # redelivery republishes them from the persisted record instead.
+            self.replay.put(memory_key, outcome)
         self._publish(outcome)
         with self._totals_lock:
             self._queries_crawled += 1
@@ -417,10 +419,14 @@ class CrawlerService(Service):
         results = self.downloader.fetch_all(urls, deadline_s=self.settings.crawler_query_deadline_s)
         self._record(results)
         ok = [r for r in results if r.ok]
-        # Every staged object is durable before any event mentions it (and before the offset commits).
-        self._stage(ok)
+        # Small images travel inside their events only: Kafka's copy is the durable one until dedup
+        # has decided them (and the persisted outcome's, for a redelivered query). Larger ones are
+        # staged, durable before any event mentions them (and before the offset commits).
+        limit = min(self.settings.crawler_inline_max_bytes, self.settings.kafka_max_message_bytes // 2)
+        carried = {r.sha256 for r in ok if r.data is not None and len(r.data) <= limit}
+        self._stage([r for r in ok if r.sha256 not in carried])
 
-        fetched = tuple(self._image_fetched(query, r) for r in ok)
+        fetched = tuple(self._image_fetched(query, r, r.sha256 in carried) for r in ok)
         refused = Counter(r.status for r in results if not r.ok)
         crawled = events_pb2.QueryCrawled(
             query_id=query.query_id,
@@ -432,9 +438,7 @@ class CrawlerService(Service):
             crawled_at=now_timestamp(),
         )
         self.queries_crawled.labels(backend=backend).inc()
-        limit = min(self.settings.crawler_inline_max_bytes, self.settings.kafka_max_message_bytes // 2)
-        inline = {r.sha256: r.data for r in ok if r.data is not None and len(r.data) <= limit}
-        return CrawlOutcome(fetched, crawled, inline)
+        return CrawlOutcome(fetched, crawled)
 
     def _backend_name(self, requested: str) -> str:
         try:
@@ -502,14 +506,15 @@ class CrawlerService(Service):
         for written in self._s3_pool.map(put, unique.values()):
             self.staged_objects.labels(outcome=written).inc()
 
-    def _image_fetched(self, query: events_pb2.QueryIssued, r: FetchResult) -> events_pb2.ImageFetched:
+    def _image_fetched(self, query: events_pb2.QueryIssued, r: FetchResult, carried: bool) -> events_pb2.ImageFetched:
         return events_pb2.ImageFetched(
             exploration_id=query.exploration_id,
             iteration=query.iteration,
             query_id=query.query_id,
             concept=query.concept,
             url=r.url,
-            staging_key=content_key(STAGING_PREFIX, r.sha256),
+            staging_key="" if carried else content_key(STAGING_PREFIX, r.sha256),
+            data=r.data if carried else b"",
             raw_sha256=r.sha256,
             content_type=r.content_type,
             width=r.width,
@@ -521,12 +526,6 @@ class CrawlerService(Service):
     def _publish(self, outcome: CrawlOutcome) -> None:
         assert self.publisher is not None
         for event in outcome.fetched:
-            data = outcome.inline.get(event.raw_sha256)
-            if data:
-                carried = events_pb2.ImageFetched()
-                carried.CopyFrom(event)
-                carried.data = data
-                event = carried
             self.publisher.publish(topics.IMAGES_FETCHED, event, key=event.raw_sha256)
         # Last, so that a consumer seeing it has (per partition order of the producer) the count to expect.
         self.publisher.publish(topics.QUERIES_CRAWLED, outcome.crawled, key=outcome.crawled.exploration_id)

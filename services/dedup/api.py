@@ -8,7 +8,7 @@ from iex.v1 import dedup_pb2, dedup_pb2_grpc
 from services.common.errors import DependencyUnavailable
 from services.dedup.explorations import valid_id
 from services.dedup.stats import DedupStats
-from services.dedup.store import DECISIONS_PREFIX, SHA256_PATTERN, decision_from_record, index_key
+from services.dedup.store import SHA256_PATTERN, decision_from_record, decisions_of_image
 
 SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].full_name
 
@@ -31,17 +31,15 @@ class DedupApi(dedup_pb2_grpc.DedupServiceServicer):
         if not SHA256_PATTERN.match(raw_sha):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "raw_sha256: must be 64 hexadecimal characters")
         try:
-            index = self.store.get_json(self.bucket, index_key(exploration_id, raw_sha))
-            decision_key = str((index or {}).get("decision_key", ""))
-            # The index only ever points inside its own exploration's records.
-            valid_pointer = decision_key.startswith(f"{DECISIONS_PREFIX}/{exploration_id}/")
-            record = self.store.get_json(self.bucket, decision_key) if valid_pointer else None
+            # One record per (query, URL) that found these bytes; the latest decision answers.
+            records = [self.store.get_json(self.bucket, key) for key in self.store.list_keys(self.bucket, decisions_of_image(exploration_id, raw_sha))]
         except DependencyUnavailable:
             context.abort(grpc.StatusCode.UNAVAILABLE, "object store unavailable, retry later")
-        if record is None:
-            # No index, or a decision still being made (the index is written just before the record).
+        decisions = [decision_from_record(record) for record in records if record is not None]
+        if not decisions:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no decision for raw_sha256 {raw_sha} in exploration {exploration_id}")
-        return dedup_pb2.GetDecisionResponse(decision=decision_from_record(record))
+        latest = max(decisions, key=lambda d: (d.decided_at.seconds, d.decided_at.nanos))
+        return dedup_pb2.GetDecisionResponse(decision=latest)
 
     def GetDedupStats(self, request: dedup_pb2.GetDedupStatsRequest, context: grpc.ServicerContext) -> dedup_pb2.GetDedupStatsResponse:
         try:

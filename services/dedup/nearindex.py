@@ -135,6 +135,7 @@ class NearIndex:
             for i, key in enumerate(keys):
                 row = self._rows.get(key)
                 if row is not None and self._sha[row].tobytes() == shas[i].tobytes():
+                    self._enabled[row] = True  # a dropped entry whose image is stored after all
                     continue
                 first = batch.get(key)
                 if first is not None and shas[first].tobytes() == shas[i].tobytes():

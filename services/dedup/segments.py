@@ -19,6 +19,7 @@ of the current version is rebuilt from the stored objects (services.dedup.reinde
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -133,6 +134,9 @@ class Intent:
     # The object's metadata (first finder, sizes, hashes): what the completed object carries.
     metadata: dict[str, str] = field(default_factory=dict)
     writer: str = ""
+    # The fetched bytes when nothing was staged (they travelled in the event): the intent is then
+    # the only copy that can complete the object.
+    data: bytes = b""
 
     def to_json(self) -> dict:
         return {
@@ -146,6 +150,7 @@ class Intent:
             "raw_sha256": self.raw_sha256,
             "metadata": dict(self.metadata),
             "writer": self.writer,
+            **({"data_base64": base64.b64encode(self.data).decode("ascii")} if self.data else {}),
         }
 
     @classmethod
@@ -162,6 +167,7 @@ class Intent:
                 raw_sha256=str(value["raw_sha256"]),
                 metadata={str(k): str(v) for k, v in dict(value.get("metadata") or {}).items()},
                 writer=str(value.get("writer", "")),
+                data=base64.b64decode(value["data_base64"], validate=True) if value.get("data_base64") else b"",
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SegmentError):

@@ -205,12 +205,26 @@ class SharedNearIndex:
 
     # ---- our own writes ----------------------------------------------------------------------
     def write_intent(self, intent: Intent) -> None:
-        """Makes the entry durable (and visible here) before the object is written."""
+        """Makes the entry durable (and visible here, if not reserved before) before the object is written."""
         self.store.put_json(self.bucket, segments.wal_key(intent.pixel_sha256), intent.to_json())
+        self.reserve(intent)
+
+    def reserve(self, intent: Intent) -> None:
+        """The entry, visible to this process's decisions at once; durable only once write_intent returns."""
         with self._lock:
             self.index.add(intent.pixel_sha256, intent.phash, intent.dhash)
             self._intents[intent.pixel_sha256] = intent
             self._own_in_flight.add(intent.pixel_sha256)
+        self.metrics.entries.set(len(self.index))
+
+    def forget(self, pixel_sha256: str) -> None:
+        """A reserved entry whose intent was never written: out of memory (there is nothing to delete)."""
+        with self._lock:
+            self._intents.pop(pixel_sha256, None)
+            self._own_in_flight.discard(pixel_sha256)
+            row = self.index.row_of(pixel_sha256)
+            if row is not None:
+                self.index.disable(row)
         self.metrics.entries.set(len(self.index))
 
     def stored(self, pixel_sha256: str) -> None:

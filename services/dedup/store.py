@@ -2,10 +2,14 @@
 
 Object layout (bucket IEX_S3_BUCKET):
 
-    decisions/<exploration>/<query>/<raw sha256>-<url hash>.json   decision record (audit, idempotence)
-    decisions-by-raw/<exploration>/<raw sha256>.json                -> latest decision record of that image
+    decisions/<exploration>/<raw sha256>/<query>-<url hash>.json    decision record (audit, idempotence)
     images/ab/cd/<pixel sha256>                                     accepted image, first finder in metadata
-    provenance/<pixel sha256>/<exploration>-<query>-<url hash>.json every (query, URL) credited with it
+    provenance/<pixel sha256>/<exploration>-<query>-<url hash>.json every later (query, URL) credited with it
+
+A decision is found by image (GetDecision) by listing `decisions/<exploration>/<raw sha256>/`. The
+first finder of an object is named by the object's own metadata; provenance records credit the
+duplicates found after it. Per accepted image that is one object and one record written (plus the
+index intent, services.dedup.sharedindex), nothing read back but the object's HEAD.
 
 `<url hash>` is the first 16 hex digits of sha256(url): one image found by one query under two URLs
 gets two decisions (the second an exact duplicate of the first).
@@ -19,7 +23,10 @@ duplicates (a provenance record under that object) instead of storing anything.
 Crash safety. The decision record is written last, after everything it describes, and the service
 publishes only after `decide_and_store` returns; the consumer commits only after publishing. So:
 - a redelivered image whose record exists is answered from the record, unchanged (no new decision,
-  no new object, same events re-published);
+  no new object, same events re-published). The record is read only when the decision is not a new
+  object: an image whose pixels are stored nowhere, near nowhere, was never decided before (every
+  earlier decision of it left an object, an index entry or a record naming a rejection that a redo
+  reaches again first), so the common case costs no read;
 - a crash anywhere before the record is written just redoes the decision. The one step that would
   decide differently on a redo is the exact-duplicate check (the image would find its own object),
   so each object's metadata names its first finder (exploration, query, raw sha256, URL hash) and a
@@ -42,7 +49,8 @@ import hashlib
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -73,7 +81,6 @@ from services.dedup.targets import TargetHashes
 log = logging.getLogger(__name__)
 
 DECISIONS_PREFIX = "decisions"
-INDEX_PREFIX = "decisions-by-raw"
 IMAGES_PREFIX = "images"
 PROVENANCE_PREFIX = "provenance"
 RECORD_VERSION = 1
@@ -100,11 +107,12 @@ def url_hash(url: str) -> str:
 
 
 def decision_key(exploration_id: str, query_id: str, raw_sha: str, url: str) -> str:
-    return f"{DECISIONS_PREFIX}/{exploration_id}/{query_id}/{raw_sha}-{url_hash(url)}.json"
+    return f"{decisions_of_image(exploration_id, raw_sha)}{query_id}-{url_hash(url)}.json"
 
 
-def index_key(exploration_id: str, raw_sha: str) -> str:
-    return f"{INDEX_PREFIX}/{exploration_id}/{raw_sha}.json"
+def decisions_of_image(exploration_id: str, raw_sha: str) -> str:
+    """The prefix of every decision of one image (raw bytes) in one exploration, by any query or URL."""
+    return f"{DECISIONS_PREFIX}/{exploration_id}/{raw_sha}/"
 
 
 def image_key(pixel_sha: str) -> str:
@@ -177,6 +185,62 @@ class Guard(Protocol):
     def for_exploration(self, exploration_id: str) -> TargetHashes: ...
 
 
+@dataclass
+class _Claim:
+    """New pixels one decision of this process is writing: the object's metadata, and when it is done."""
+
+    pixel_sha256: str
+    metadata: dict[str, str]
+    done: threading.Event = field(default_factory=threading.Event)
+    written: bool = False
+
+
+class _Claims:
+    """The claims of this process: open while being written, then remembered for a while.
+
+    A decision that read "no object" before a concurrent one wrote it finds the written claim here
+    instead (an exact duplicate, not a second UNIQUE); the object is there by then, so forgetting old
+    claims is safe once no read can be that old.
+    """
+
+    REMEMBERED = 4096
+    WAIT_S = 120.0
+
+    def __init__(self) -> None:
+        self._claims: OrderedDict[str, _Claim] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, pixel_sha256: str) -> _Claim | None:
+        with self._lock:
+            return self._claims.get(pixel_sha256)
+
+    def open(self, pixel_sha256: str, metadata: dict[str, str]) -> _Claim:
+        claim = _Claim(pixel_sha256, metadata)
+        with self._lock:
+            self._claims[pixel_sha256] = claim
+            self._claims.move_to_end(pixel_sha256)
+            while len(self._claims) > self.REMEMBERED:
+                oldest, first = next(iter(self._claims.items()))
+                if not first.done.is_set():
+                    break
+                del self._claims[oldest]
+        return claim
+
+    def close(self, claim: _Claim, written: bool) -> None:
+        claim.written = written
+        if not written:
+            with self._lock:
+                if self._claims.get(claim.pixel_sha256) is claim:
+                    del self._claims[claim.pixel_sha256]
+        claim.done.set()
+
+    def wait(self, claim: _Claim) -> dict[str, str]:
+        """The written object's metadata; a claim whose writes failed makes this decision retry later."""
+        if not claim.done.wait(self.WAIT_S) or not claim.written:
+            raise DependencyUnavailable(f"image {claim.pixel_sha256[:16]} was being stored by another decision that did not finish; retrying later")
+        return claim.metadata
+
+
 class Deduplicator:
     def __init__(self, store, bucket: str, guard: Guard, policy: DedupPolicy = DedupPolicy(), near: SharedNearIndex | None = None) -> None:
         self.store = store
@@ -186,17 +250,21 @@ class Deduplicator:
         # None: exact duplicates only.
         self.near = near
         self._claim = threading.RLock()
+        self._claims = _Claims()
 
     # ---- the whole decision ------------------------------------------------------------------
     def decide_and_store(self, fetched: events_pb2.ImageFetched) -> DedupOutcome:
         validate_fetched(fetched)
         key = decision_key(fetched.exploration_id, fetched.query_id, fetched.raw_sha256, fetched.url)
-        record = self.store.get_json(self.bucket, key)
-        if record is not None:
-            return outcome_from_record(record)
         outcome, hashes, stored_format = self._decide(fetched)
-        # The index first and the record last: the record is the commit point of the decision.
-        self.store.put_json(self.bucket, index_key(fetched.exploration_id, fetched.raw_sha256), {"decision_key": key})
+        if not outcome.bytes_written:
+            # Not a new object: this may be a redelivery, answered from its record if there is one.
+            record = self.store.get_json(self.bucket, key)
+            if record is not None:
+                return outcome_from_record(record)
+        if outcome.decision.kind in (EXACT_DUPLICATE, NEAR_DUPLICATE):
+            self._write_provenance(fetched, outcome.decision)
+        # The record last: it is the commit point of the decision.
         self.store.put_json(self.bucket, key, record_of(key, outcome, hashes, stored_format))
         return outcome
 
@@ -224,34 +292,43 @@ class Deduplicator:
         # Most images are new: encoded before the claim below, so that other images' decisions do not wait for it.
         encoding = encode_for_storage(data, decoded, hashes.pixel_sha256, self.policy.max_image_pixels)
         bytes_written = 0
+        # Read before the claim, in parallel with other decisions: an object that exists stays.
+        existing = self._existing_object(hashes.pixel_sha256, fetched)
         near: NearMatch | None = None
-        # Concurrent decisions (the service decides a batch on several threads) take turns from the
-        # look for an existing object to the index entry and the object of a new one: two copies or
-        # near-copies decided at once must not both be UNIQUE. Everything else runs in parallel.
+        waits_for: _Claim | None = None
+        claim: _Claim | None = None
+        # Concurrent decisions (the service decides a batch on several threads) take turns to claim
+        # new pixels: two copies or near-copies decided at once must not both be UNIQUE. The claim
+        # is in memory only; the writes of a claimed image and the reads above run in parallel, and a
+        # decision that meets an image still being written here waits for that image alone.
         with self._claim:
-            existing = self._existing_object(hashes.pixel_sha256, fetched)
-            if existing is None:
-                near = self._near_match(hashes)
+            mine = self._claims.get(hashes.pixel_sha256)
+            if mine is not None:
+                waits_for = mine  # the same pixels, being (or just) written by another decision here
+            elif existing is None:
+                near, waits_for = self._near_match(hashes)
+                if near is None:
+                    metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
+                    claim = self._claims.open(hashes.pixel_sha256, metadata)
+                    intent = self._intent(fetched, hashes, metadata) if self._indexable(hashes) else None
+                    if intent is not None:
+                        self.near.reserve(intent)  # seen by every later decision here from now on
+        if claim is not None:
+            self._write_claimed(claim, intent, object_key, encoding)
+            kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
+        else:
+            if waits_for is not None:
+                written = self._claims.wait(waits_for)
+                if near is None:
+                    existing = written
             if existing is not None and is_first_finder(existing, fetched):
                 # Our own object from an attempt that crashed before its decision record.
                 kind, size, stored_format = UNIQUE, _int(existing.get("size-bytes")), existing.get("format", "")
                 self._ensure_indexed(fetched, hashes, existing)
             elif existing is not None:
                 kind, size, stored_format = EXACT_DUPLICATE, 0, existing.get("format", "")
-            elif near is not None:
-                kind, size, stored_format = NEAR_DUPLICATE, 0, ""
             else:
-                metadata = object_metadata(fetched, decoded.width, decoded.height, hashes, encoding.label, len(encoding.data))
-                indexed = self._indexable(hashes)
-                if indexed:
-                    bucket, staging_key = self._staged_location(fetched)
-                    self.near.write_intent(
-                        Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, metadata, self.near.writer)
-                    )
-                self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=metadata)
-                if indexed:
-                    self.near.stored(hashes.pixel_sha256)
-                kind, size, stored_format, bytes_written = UNIQUE, len(encoding.data), encoding.label, len(encoding.data)
+                kind, size, stored_format = NEAR_DUPLICATE, 0, ""
 
         decision = self._decision(fetched, kind, hashes.pixel_sha256)
         decision.object_key = object_key
@@ -280,25 +357,45 @@ class Deduplicator:
             decision.duplicate_of = near.pixel_sha256
             decision.hamming_distance = near.distance
             decision.object_key = image_key(near.pixel_sha256)
-        self._write_provenance(fetched, decision)
         return DedupOutcome(decision, stored, bytes_written=bytes_written), hashes, stored_format
 
     # ---- the shared near-duplicate index -----------------------------------------------------
     def _indexable(self, hashes: ImageHashes) -> bool:
         return self.near is not None and hashes.informative
 
-    def _near_match(self, hashes: ImageHashes) -> NearMatch | None:
+    def _near_match(self, hashes: ImageHashes) -> tuple[NearMatch | None, "_Claim | None"]:
+        """The nearest stored image, and the claim to wait for when it is still being written here."""
         if not self._indexable(hashes) or self.near.max_distance < 0:
-            return None
+            return None, None
         for _ in range(MAX_LOST_INTENTS_PER_DECISION):
             match = self.near.nearest(hashes.phash, hashes.dhash, exclude=hashes.pixel_sha256)
             if match is None:
-                return None
+                return None, None
+            pending = self._claims.get(match.pixel_sha256)
+            if pending is not None:
+                return match, pending
             intent = self.near.intent(match.pixel_sha256)
             if intent is None or self.complete_intent(intent):
-                return match
+                return match, None
             # An entry whose object can never exist: gone from the index, look again.
         raise DependencyUnavailable("too many near-duplicate candidates without an object; retrying the image later")
+
+    def _write_claimed(self, claim: "_Claim", intent: Intent | None, object_key: str, encoding) -> None:
+        """The claimed image's intent (durable before its object), then the object; waiters learn the outcome."""
+        intent_written = False
+        try:
+            if intent is not None:
+                self.near.write_intent(intent)
+                intent_written = True
+            self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=claim.metadata)
+            if intent is not None:
+                self.near.stored(intent.pixel_sha256)
+        except BaseException:
+            if intent is not None and not intent_written:
+                self.near.forget(intent.pixel_sha256)  # never durable: nobody else may count on it
+            self._claims.close(claim, written=False)
+            raise
+        self._claims.close(claim, written=True)
 
     def _existing_object(self, pixel_sha: str, fetched: events_pb2.ImageFetched) -> dict[str, str] | None:
         """The stored object's metadata; an intent of another finder for these pixels is completed first."""
@@ -319,10 +416,7 @@ class Deduplicator:
         if hashes.pixel_sha256 in self.near:
             self.near.confirm(hashes.pixel_sha256)  # known through the intent: the object exists
             return
-        bucket, staging_key = self._staged_location(fetched)
-        self.near.write_intent(
-            Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, dict(metadata), self.near.writer)
-        )
+        self.near.write_intent(self._intent(fetched, hashes, dict(metadata)))
         self.near.stored(hashes.pixel_sha256)
 
     def complete_intent(self, intent: Intent) -> bool:
@@ -343,7 +437,7 @@ class Deduplicator:
         key = image_key(intent.pixel_sha256)
         if self.store.stat_metadata(self.bucket, key) is not None:
             return "present"
-        data = self.store.get_or_none(intent.staging_bucket, intent.staging_key)
+        data = intent.data or (self.store.get_or_none(intent.staging_bucket, intent.staging_key) if intent.staging_key else None)
         if data is None or raw_sha256(data) != intent.raw_sha256:
             return "lost"
         try:
@@ -363,9 +457,15 @@ class Deduplicator:
             return parse_s3_uri(fetched.staging_key)
         return self.bucket, fetched.staging_key
 
+    def _intent(self, fetched: events_pb2.ImageFetched, hashes: ImageHashes, metadata: dict[str, str]) -> Intent:
+        """How to write the object again: from the staged copy, or (nothing staged) the carried bytes themselves."""
+        bucket, staging_key = self._staged_location(fetched) if fetched.staging_key else (self.bucket, "")
+        data = b"" if fetched.staging_key else fetched.data
+        return Intent(hashes.pixel_sha256, hashes.phash, hashes.dhash, bucket, staging_key, fetched.raw_sha256, metadata, self.near.writer, data)
+
     def _staged_bytes(self, fetched: events_pb2.ImageFetched) -> bytes:
         if fetched.data:
-            return fetched.data  # carried by the event; checked against raw_sha256 like the staged copy
+            return fetched.data  # carried by the event; checked against raw_sha256 like a staged copy
         bucket, key = self._staged_location(fetched)
         data = self.store.get_or_none(bucket, key)
         if data is None:
@@ -420,8 +520,8 @@ def validate_fetched(fetched: events_pb2.ImageFetched) -> None:
         raise PermanentError("invalid_event", f"query_id {fetched.query_id[:80]!r}")
     if not SHA256_PATTERN.match(fetched.raw_sha256):
         raise PermanentError("invalid_event", f"raw_sha256 {fetched.raw_sha256[:80]!r}")
-    if not fetched.staging_key:
-        raise PermanentError("invalid_event", "staging_key is empty")
+    if not fetched.staging_key and not fetched.data:
+        raise PermanentError("invalid_event", "staging_key and data are both empty")
 
 
 def object_metadata(fetched: events_pb2.ImageFetched, width: int, height: int, hashes: ImageHashes, stored_format: str, size: int) -> dict[str, str]:

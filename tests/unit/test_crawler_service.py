@@ -190,18 +190,35 @@ def test_three_hits_publish_fetched_images_then_one_query_crawled(crawler, offli
     for event, expected, (_name, _m, key) in zip(fetched, (RED, BLUE), events):
         sha = hashlib.sha256(expected).hexdigest()
         assert key == event.raw_sha256 == sha
-        assert event.staging_key == content_key("staging", sha)
-        assert crawler.store.objects[("iex", event.staging_key)] == (expected, "image/png")
+        # Small images travel in their events, and nothing is staged for them.
+        assert event.data == expected and event.staging_key == ""
         assert (event.exploration_id, event.query_id, event.iteration, event.concept) == ("exp-1", "q-1", 2, "apple")
         assert event.size_bytes == len(expected) and event.content_type == "image/png"
         assert event.width > 0 and event.fetched_at.seconds > 0
     assert offline_web.searches[-1]["text"] == "red apple" and offline_web.searches[-1]["num_images"] == 100
 
+    assert crawler.store.staged() == {}
+
     status = CrawlerServicer(crawler).GetCrawlerStatus(crawler_pb2.GetCrawlerStatusRequest(), None)
     assert (status.queries_crawled, status.images_fetched, dict(status.refused)) == (1, 2, {"http_error": 1})
 
 
-def test_identical_bytes_from_two_urls_publish_two_events_and_one_object(crawler, offline_web):
+def test_images_over_the_inline_limit_are_staged_before_their_events(offline_web):
+    service = make_service(offline_web, crawler_inline_max_bytes=min(len(RED), len(BLUE)) - 1)
+    try:
+        offline_web.answers["staged"] = [offline_web.hit("red.png", 0), offline_web.hit("blue.png", 1)]
+        service.handle_query(query("staged", "q-staged"), None)
+        fetched = service.publisher.of(topics.IMAGES_FETCHED)
+        assert len(fetched) == 2
+        for event, expected in zip(fetched, (RED, BLUE)):
+            assert event.data == b"" and event.staging_key == content_key("staging", hashlib.sha256(expected).hexdigest())
+            assert service.store.objects[("iex", event.staging_key)] == (expected, "image/png")
+    finally:
+        service.on_stop()
+
+
+def test_identical_bytes_from_two_urls_publish_two_events_and_one_object(offline_web):
+    crawler = make_service(offline_web, crawler_inline_max_bytes=0)
     offline_web.answers["twins"] = [offline_web.hit("red.png", 0), offline_web.hit("red-copy.png", 1), offline_web.hit("red.png", 2)]
     crawler.handle_query(query("twins"), None)
     fetched = crawler.publisher.of(topics.IMAGES_FETCHED)
@@ -211,15 +228,18 @@ def test_identical_bytes_from_two_urls_publish_two_events_and_one_object(crawler
     assert fetched[0].raw_sha256 == fetched[1].raw_sha256
     assert crawled.images_fetched == 2 and crawled.results_returned == 2 and not crawled.refused
     assert crawler.store.puts == 1
+    crawler.on_stop()
 
 
-def test_existing_staged_objects_are_not_written_again(crawler, offline_web):
+def test_existing_staged_objects_are_not_written_again(offline_web):
+    crawler = make_service(offline_web, crawler_inline_max_bytes=0)
     offline_web.answers["again"] = [offline_web.hit("blue.png", 0)]
     key = content_key("staging", hashlib.sha256(BLUE).hexdigest())
     crawler.store.objects[("iex", key)] = (BLUE, "image/png")
     crawler.handle_query(query("again"), None)
     assert crawler.store.puts == 0
     assert crawler.publisher.of(topics.QUERIES_CRAWLED)[0].images_fetched == 1
+    crawler.on_stop()
 
 
 def test_redelivered_query_republishes_identical_events_without_refetching(crawler, offline_web):
@@ -228,23 +248,12 @@ def test_redelivered_query_republishes_identical_events_without_refetching(crawl
     first = list(crawler.publisher.events)
     searches, images = len(offline_web.searches), sum(offline_web.image_hits.values())
     crawler.handle_query(query("redelivered", "q-redo"), None)
-    # The first publication carries the small images' bytes (exactly the staged ones); a replay
-    # does not, and is otherwise the same events (dedup reads the staged copy instead).
+    # The small images' bytes were never staged: the replay (from the persisted outcome) carries
+    # them again, and is byte for byte the same events.
     carried = [m for name, m, _ in first if name == topics.IMAGES_FETCHED.name]
-    assert carried and all(m.data and hashlib.sha256(m.data).hexdigest() == m.raw_sha256 for m in carried)
-    assert all(not m.data for name, m, _ in crawler.publisher.events[len(first):] if name == topics.IMAGES_FETCHED.name)
-    assert without_data(crawler.publisher.events[len(first):]) == without_data(first)
+    assert carried and all(m.data and hashlib.sha256(m.data).hexdigest() == m.raw_sha256 and not m.staging_key for m in carried)
+    assert crawler.publisher.events[len(first):] == first
     assert len(offline_web.searches) == searches and sum(offline_web.image_hits.values()) == images
-
-
-def without_data(events):
-    out = []
-    for name, message, key in events:
-        if name == topics.IMAGES_FETCHED.name:
-            message = type(message).FromString(message.SerializeToString())
-            message.ClearField("data")
-        out.append((name, message, key))
-    return out
 
 
 def test_after_a_restart_the_same_query_yields_the_same_events(offline_web):
@@ -285,8 +294,8 @@ def test_a_replica_that_takes_over_republishes_the_recorded_events(offline_web):
     replayed_before = second.replayed.labels(source="s3")._value.get()  # metric families are per process
     try:
         second.handle_query(query("takeover", "q-takeover"), None)
-        # Byte-identical, timestamps included: nothing was searched or fetched again.
-        assert without_data(second.publisher.events) == without_data(first.publisher.events)
+        # Byte-identical, timestamps and carried bytes included: nothing was searched or fetched again.
+        assert second.publisher.events == first.publisher.events
         assert len(offline_web.searches) == searches and sum(offline_web.image_hits.values()) == images
         assert second.replayed.labels(source="s3")._value.get() == replayed_before + 1
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import threading
 import time
 from concurrent import futures
 
@@ -18,7 +19,7 @@ from PIL import Image
 
 from iex.v1 import common_pb2, dedup_pb2, dedup_pb2_grpc, events_pb2
 from services.common import topics
-from services.common.errors import PermanentError
+from services.common.errors import DependencyUnavailable, PermanentError
 from services.common.objectstore import content_key
 from services.common.settings import load_service_settings
 from services.dedup import hashing, store as store_mod
@@ -227,10 +228,12 @@ def test_unique_then_reencoded_identical_png_is_an_exact_duplicate(store, dedup)
     # The duplicate's query is credited with the existing object.
     assert second.decision.object_key == first.decision.object_key == content_key("images", first.decision.pixel_sha256)
     assert store.keys("images/") == [first.decision.object_key]
+    # The first finder is named by the object itself, every later one by a provenance record.
+    _data, _type, metadata = store.objects[(BUCKET, first.decision.object_key)]
+    assert (metadata["query-id"], metadata["raw-sha256"]) == ("q-1", first.decision.raw_sha256)
     provenance = store.keys(f"provenance/{first.decision.pixel_sha256}/")
-    assert len(provenance) == 2
-    kinds = {store.get_json(BUCKET, key)["kind"] for key in provenance}
-    assert kinds == {"DECISION_KIND_UNIQUE", "DECISION_KIND_EXACT_DUPLICATE"}
+    assert [store.get_json(BUCKET, key)["kind"] for key in provenance] == ["DECISION_KIND_EXACT_DUPLICATE"]
+    assert store.get_json(BUCKET, provenance[0])["query_id"] == "q-2"
 
 
 def test_stored_object_decodes_to_its_key_and_carries_sanitised_provenance(store, dedup):
@@ -277,7 +280,8 @@ def test_crash_after_storing_before_the_record_redoes_the_same_unique_decision(s
     assert redo.decision.kind == UNIQUE  # not a duplicate of its own object
     assert redo.stored is not None and redo.stored.size_bytes == len(store.get_bytes(BUCKET, redo.decision.object_key))
     assert len(store.keys("images/")) == 1
-    assert len(store.keys(f"provenance/{redo.decision.pixel_sha256}/")) == 1
+    assert store.keys(f"provenance/{redo.decision.pixel_sha256}/") == []  # the object names its first finder
+    assert len(store.keys("decisions/")) == 1
     assert dedup.decide_and_store(event).decision == redo.decision
 
 
@@ -300,11 +304,10 @@ def test_same_picture_for_a_second_query_or_url_is_a_duplicate(store, dedup):
     other_query = dedup.decide_and_store(fetched_event(store, data, query="q-2", url="https://a.example/x.png"))
     other_url = dedup.decide_and_store(fetched_event(store, data, query="q-1", url="https://mirror.example/x.png"))
     assert (first.decision.kind, other_query.decision.kind, other_url.decision.kind) == (UNIQUE, EXACT_DUPLICATE, EXACT_DUPLICATE)
-    assert len(store.keys("decisions/exp-1/")) == 3
-    # The lookup index points at the latest decision of that raw image.
-    index = store.get_json(BUCKET, store_mod.index_key("exp-1", first.decision.raw_sha256))
-    assert store.get_json(BUCKET, index["decision_key"])["decision"]["query_id"] == "q-1"
-    assert index["decision_key"] == store_mod.decision_key("exp-1", "q-1", first.decision.raw_sha256, "https://mirror.example/x.png")
+    # Every decision of one image (raw bytes) in one exploration lies under one prefix: GetDecision lists it.
+    keys = store.keys(store_mod.decisions_of_image("exp-1", first.decision.raw_sha256))
+    assert len(keys) == len(store.keys("decisions/exp-1/")) == 3
+    assert store_mod.decision_key("exp-1", "q-1", first.decision.raw_sha256, "https://mirror.example/x.png") in keys
 
 
 def put_target(store: FakeObjectStore, images: dict[str, bytes]) -> None:
@@ -601,6 +604,70 @@ def test_copies_and_near_copies_decided_concurrently_are_stored_once():
     assert near_kinds.count(UNIQUE) == 1
     assert all(k in (EXACT_DUPLICATE, common_pb2.DECISION_KIND_NEAR_DUPLICATE) for k in near_kinds if k != UNIQUE)
     assert len(store.keys("images/")) == 2
+
+
+class OverlapCountingStore(SlowObjectStore):
+    """Counts how many image objects are being written at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def put_bytes(self, bucket, key, data, content_type="application/octet-stream", metadata=None):
+        if not key.startswith("images/"):
+            return super().put_bytes(bucket, key, data, content_type, metadata)
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            super().put_bytes(bucket, key, data, content_type, metadata)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_new_images_decided_concurrently_are_written_in_parallel():
+    # Only the claim of new pixels takes turns (in memory); the S3 writes of different images overlap.
+    store = OverlapCountingStore()
+    dedup, directory = make_deduplicator(store)
+    directory.remember("exp-2", "")
+    events = [fetched_event(store, encode(photo(40 + i)), exploration="exp-2", query=f"q-{i}") for i in range(8)]
+    with futures.ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(dedup.decide_and_store, events))
+    assert [o.decision.kind for o in outcomes] == [UNIQUE] * 8
+    assert store.most_in_flight > 1
+
+
+class FailingImageStore(SlowObjectStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_images = True
+
+    def put_bytes(self, bucket, key, data, content_type="application/octet-stream", metadata=None):
+        if key.startswith("images/") and self.fail_images:
+            time.sleep(0.05)  # the copies below meet the claim while it is being written
+            raise DependencyUnavailable("s3 away")
+        super().put_bytes(bucket, key, data, content_type, metadata)
+
+
+def test_a_claim_whose_object_could_not_be_written_makes_its_waiters_retry():
+    store = FailingImageStore()
+    dedup, directory = make_deduplicator(store)
+    directory.remember("exp-2", "")
+    copies = [encode(photo(50), compress_level=level) for level in (1, 5, 9)]
+    events = [fetched_event(store, data, exploration="exp-2", query=f"q-{i}") for i, data in enumerate(copies)]
+    with futures.ThreadPoolExecutor(max_workers=3) as pool:
+        attempts = [pool.submit(dedup.decide_and_store, e) for e in events]
+        errors = [a.exception() for a in attempts]
+    # Nobody was told "duplicate" of an object that was never written.
+    assert all(isinstance(e, DependencyUnavailable) for e in errors)
+    assert store.keys("images/") == [] and store.keys("decisions/") == []
+    store.fail_images = False
+    outcomes = [dedup.decide_and_store(e) for e in events]  # redelivered
+    assert [o.decision.kind for o in outcomes] == [UNIQUE, EXACT_DUPLICATE, EXACT_DUPLICATE]
+    assert len(store.keys("images/")) == 1
 
 
 def test_bytes_carried_by_the_event_are_decided_without_the_staged_copy_and_checked(store, dedup):

@@ -174,6 +174,32 @@ def test_crash_between_intent_and_object_loses_nothing_and_stores_once(store, cl
     assert fresh_entries(store, clock) == {redo.decision.pixel_sha256}
 
 
+def test_an_intent_of_carried_bytes_completes_the_object_with_nothing_staged(store, clock):
+    image = picture(9)
+    staged = fetched_event(store, jpeg(image), query="q-original")
+    original = type(staged)()
+    original.CopyFrom(staged)
+    original.data = store.get_bytes(BUCKET, staged.staging_key)
+    original.staging_key = ""
+    store.delete(BUCKET, staged.staging_key)  # the crawler never staged it
+    a = Replica(store, clock, "a")
+    store.crash_on_put = "images/*"
+    with pytest.raises(Crash):
+        a.decide(original)
+    store.crash_on_put = None
+    # The intent is the only copy of the bytes besides the (uncommitted) event.
+    [wal] = store.keys(segments.wal_prefix())
+    assert segments.Intent.from_json(store.get_json(BUCKET, wal)).data == original.data
+
+    restarted = Replica(store, clock, "a2")
+    variant = restarted.decide(fetched_event(store, jpeg(half(image)), query="q-variant"))
+    assert variant.decision.kind == NEAR_DUPLICATE
+    assert objects(store) == [variant.decision.object_key]
+    assert store.stat_metadata(BUCKET, variant.decision.object_key)["query-id"] == "q-original"
+    redo = restarted.decide(original)
+    assert redo.decision.kind == UNIQUE and objects(store) == [redo.decision.object_key]
+
+
 def test_exact_copy_meeting_an_unfinished_intent_is_an_exact_duplicate(store, clock):
     image = picture(5)
     a = Replica(store, clock, "a")

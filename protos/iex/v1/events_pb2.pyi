@@ -137,16 +137,18 @@ class ImageFetched(_message.Message):
     concept: _builtins.str
     url: _builtins.str
     staging_key: _builtins.str
-    """Object key of the fetched bytes in the staging bucket (content-addressed by raw_sha256)."""
+    """Object key of the fetched bytes in the staging bucket (content-addressed by raw_sha256); empty
+    when the bytes travel in `data` instead. One of the two is always set.
+    """
     raw_sha256: _builtins.str
     content_type: _builtins.str
     width: _builtins.int
     height: _builtins.int
     size_bytes: _builtins.int
     data: _builtins.bytes
-    """The fetched bytes themselves when small (IEX_CRAWLER_INLINE_MAX_BYTES), so that dedup need not
-    read them back from staging; empty when large or when a persisted outcome is republished.
-    The staged object is written either way and stays the reference copy.
+    """The fetched bytes themselves when small (IEX_CRAWLER_INLINE_MAX_BYTES): then nothing is staged,
+    and this event (and the crawler's persisted outcome, for a redelivered query) is the durable copy
+    until dedup has decided the image. Empty when the image was staged (staging_key).
     """
     @_builtins.property
     def fetched_at(self) -> _timestamp_pb2.Timestamp: ...
