@@ -26,6 +26,7 @@ help:
 	@echo "make helm-check   chart: lint, render every profile, validate manifests, rules, dashboards, schema"
 	@echo "make helm-generate  values.schema.json, dashboards JSON and k8s/rendered/ from their sources"
 	@echo "make images / kind-up / kind-load / kind-install   the kind quickstart of docs/deploy.md (needs Docker)"
+	@echo "make cluster-ci   a real local Kubernetes cluster: build (cached), up, helm install, tests/cluster, down (docs/cluster.md)"
 
 # What the setup tools (pip, apt-get and debconf, npm) print goes to SETUP_LOG, not to the screen:
 # each step prints one line naming the log, and a step that fails prints the end of the log.
@@ -171,6 +172,38 @@ kind-install: tools
 	$(VENV)/bin/kubectl apply -f k8s/namespace.yaml
 	$(HELM) upgrade --install iex $(CHART) --namespace internet-explorer --wait --timeout 15m
 	$(HELM) test iex --namespace internet-explorer
+
+# ---- Local Kubernetes cluster: the chart's proving ground (k8s/cluster/, docs/cluster.md) ------
+# A real single-node cluster built on this machine from the package registries (Go module proxy,
+# Debian, PyPI, Maven Central): binaries and images cached under $${XDG_CACHE_HOME:-~/.cache}/iex/cluster,
+# `helm install --wait` of the default profile, the cluster suite (tests/cluster), and a teardown
+# that restores what `cluster-up` changed. Needs root. `make test` never runs any of it.
+.PHONY: cluster-build cluster-images cluster-up cluster-install test-cluster cluster-down cluster-ci
+cluster-build:
+	bash k8s/cluster/build-binaries.sh
+
+cluster-images: setup cluster-build
+	bash k8s/cluster/build-images.sh
+
+cluster-up: cluster-images
+	bash k8s/cluster/up.sh
+
+cluster-install: tools
+	bash k8s/cluster/install.sh
+
+# The suite against the running cluster (cluster-up + cluster-install first).
+test-cluster: setup
+	IEX_CLUSTER_SUITE=1 $(PY) -m pytest tests/cluster -p no:cacheprovider
+
+cluster-down:
+	bash k8s/cluster/down.sh
+
+# All of it, with the teardown whatever happens (what CI runs).
+cluster-ci: setup tools
+	@set -e; trap 'bash k8s/cluster/down.sh' EXIT; \
+	$(MAKE) --no-print-directory cluster-up; \
+	$(MAKE) --no-print-directory cluster-install; \
+	$(MAKE) --no-print-directory test-cluster
 
 # ---- Offline web data (services/offlineweb; docs/offline-web.md) -------------------------------
 # Emoji sets (npm), clip art, Tux Paint stamps and WordNet (Debian), fetched into ~/.cache/iex and

@@ -4,6 +4,13 @@
 #
 #   docker build -f docker/service.Dockerfile -t internet-explorer/service:0.1.0 .
 #
+# Without PyTorch's CPU index (or any index), from a local wheelhouse (`pip download -d wheels ...`
+# mounted or copied at /wheels; what k8s/cluster/build-images.sh does with buildah):
+#   --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1
+#
+# Any Debian-based image with python3 >= 3.10 and python3-venv can be the base (PYTHON_IMAGE): the
+# steps call python3, never a python of the base's own PATH layout.
+#
 # Bases are pinned by exact version; pin them by digest too in a registry you control
 # (--build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:...).
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
@@ -15,6 +22,9 @@ FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
+# pip reads these from the environment: a directory of wheels, and whether to use it alone.
+ARG PIP_FIND_LINKS=""
+ARG PIP_NO_INDEX=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # WordNet 3.0 (Debian wordnet-base): the planner's default vocabulary. Unpacked here and copied,
 # so the runtime stage neither runs apt nor needs network access to fetch it on first use.
@@ -23,7 +33,7 @@ RUN apt-get update -qq \
  && dpkg-deb -x wordnet-base_*.deb /opt/debdata \
  && test -f /opt/debdata/usr/share/wordnet/data.noun \
  && rm -rf /tmp/*.deb /var/lib/apt/lists/*
-RUN python -m venv /opt/iex
+RUN python3 -m venv /opt/iex
 ENV PATH=/opt/iex/bin:$PATH
 RUN pip install --upgrade pip wheel \
  && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"

@@ -4,12 +4,17 @@
 # the NVIDIA container runtime (a driver new enough for torch's CUDA 13 build).
 #
 #   docker build -f docker/trainer.Dockerfile -t internet-explorer/trainer:0.1.0 .
+#
+# From a local wheelhouse instead of an index: --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1
+# (see docker/service.Dockerfile).
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # ---- build -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
+ARG PIP_FIND_LINKS=""
+ARG PIP_NO_INDEX=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/iex
+RUN python3 -m venv /opt/iex
 ENV PATH=/opt/iex/bin:$PATH
 RUN pip install --upgrade pip wheel
 WORKDIR /src

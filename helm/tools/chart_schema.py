@@ -317,7 +317,7 @@ def build() -> dict[str, Any]:
                         "image": image("the official Triton image"),
                         "externalGrpcUrl": string("Triton host:port when triton.enabled is false"),
                         "replicas": integer(0, 64),
-                        "modelConfigName": string("configs/<name>.pbtxt served", enum=["production", "production-cpu"]),
+                        "modelConfigName": string("configs/<name>.pbtxt served; local: the model's own config.pbtxt (python backend)", enum=["production", "production-cpu", "local"]),
                         "gpu": integer(0, 16, "nvidia.com/gpu per replica"),
                         "runtimeClassName": string(),
                         "extraArgs": {"type": "array", "items": string()},
