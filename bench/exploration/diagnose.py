@@ -53,14 +53,17 @@ from services.trainer import evaluation
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
-ARMS = ("random", "ie", "ie-mean", "ie-observed", "oracle")
-# arm -> (make_plan mode, scoring, concept reward from image rewards or from the ground truth)
+ARMS = ("random", "ie", "ie-mean", "ie-observed", "oracle", "ie-fresh", "oracle-fresh")
+# arm -> (make_plan mode, scoring, concept reward from image rewards or from the ground truth,
+#         whether concepts already queried are left out of later draws)
 ARM_SPECS = {
-    "random": ("uniform", "optimistic", "reward"),
-    "ie": ("ie", "optimistic", "reward"),
-    "ie-mean": ("ie", "mean", "reward"),
-    "ie-observed": ("ie", "observed", "reward"),
-    "oracle": ("ie", "optimistic", "truth"),
+    "random": ("uniform", "optimistic", "reward", False),
+    "ie": ("ie", "optimistic", "reward", False),
+    "ie-mean": ("ie", "mean", "reward", False),
+    "ie-observed": ("ie", "observed", "reward", False),
+    "oracle": ("ie", "optimistic", "truth", False),
+    "ie-fresh": ("ie", "optimistic", "reward", True),
+    "oracle-fresh": ("ie", "optimistic", "truth", True),
 }
 MAX_PIXELS = 64_000_000
 
@@ -124,14 +127,15 @@ class Run:
 
 def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_reward: np.ndarray, relevant: np.ndarray,
             reward_model: planning.RewardModel, rounds: int, queries: int, images_per_query: int) -> Run:
-    mode, scoring, source = ARM_SPECS[arm]
+    mode, scoring, source, fresh = ARM_SPECS[arm]
     rng = np.random.default_rng([seed, ARMS.index(arm)])
     rewards: dict[str, list[float]] = {}
     seen: set[int] = set()
     run = Run(arm, seed)
     for _ in range(rounds):
         began = time.perf_counter()
-        plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring)
+        exclude = np.array([pool.index[k] for k in rewards], dtype=np.int64) if fresh else None
+        plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring, exclude=exclude)
         run.plan_seconds += time.perf_counter() - began
         hits = web.search([pool.names[i] for i in plan.picks], images_per_query)
         for row, found in zip(plan.picks, hits):
@@ -275,7 +279,7 @@ def write(args, seeds: list[int], arms: list[str], sizes: list[int], results: li
         "wall_seconds": round(time.perf_counter() - started),
         "budget": {"rounds": args.rounds, "queries_per_round": args.queries, "images_per_query": args.images_per_query, "seeds": seeds, "vocabulary": args.vocabulary},
         "encoder": {"init": "efficientnet-lite0 (ImageNet), never retrained", "reward": "mean cosine to the k=15 nearest target train images", "sizes": sizes, "serve_size": args.serve_size},
-        "arms": {arm: dict(zip(("mode", "scoring", "concept_reward"), ARM_SPECS[arm])) for arm in arms},
+        "arms": {arm: dict(zip(("mode", "scoring", "concept_reward", "fresh_concepts_only"), ARM_SPECS[arm])) for arm in arms},
         "targets": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -300,6 +300,7 @@ def make_plan(
     reward_model: RewardModel | None = None,
     descriptors: DescriptorSource | None = None,
     scoring: str = "optimistic",
+    exclude: np.ndarray | None = None,
 ) -> Plan:
     """Chooses `queries` concepts of the pool.
 
@@ -310,6 +311,10 @@ def make_plan(
     `scoring` replaces the paper's acquisition score, for its ablations: "optimistic" (mu + sigma,
     the paper), "mean" (mu: no uncertainty term) and "observed" (no Gaussian process: a concept's
     mean observed reward, every concept never queried at the mean over those that were).
+
+    `exclude` (pool rows) are left out of the "ie" draw: concepts already queried, whose answer from
+    a deterministic search (the offline web, a caption index) would be the same images again. They
+    still inform the model through their rewards; the tiers are filled by the best of the others.
     """
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
@@ -350,6 +355,16 @@ def make_plan(
             picks, li, ci = [], iter(label_picks.tolist()), iter(concept_picks.tolist())
             for flag in is_label_query:
                 picks.append(next(li) if flag else next(ci))
+        elif exclude is not None and len(exclude):
+            allowed = np.ones(P, dtype=bool)
+            allowed[np.asarray(exclude, dtype=np.int64)] = False
+            rows = np.flatnonzero(allowed)
+            probs = np.zeros(P)
+            if rows.size:
+                probs[rows] = concept_distribution(scores[rows], sampling_params)
+            else:
+                probs = concept_distribution(scores, sampling_params)
+            picks = sampling.sample(probs, queries, rng).tolist()
         else:
             probs = concept_distribution(scores, sampling_params)
             picks = sampling.sample(probs, queries, rng).tolist()

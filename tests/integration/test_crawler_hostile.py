@@ -14,6 +14,7 @@ The stack's crawler is restarted afterwards, so later modules see the stack as t
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import sys
 import time
@@ -229,9 +230,12 @@ def test_a_hostile_query_through_kafka_ends_with_its_statuses_and_nothing_else_b
         assert sorted(m.url for m in images) == sorted(hostile.url(c) for c in OK_CASES)
         by_url = {m.url: m for m in images}
         duplicates = {by_url[hostile.url(c)].raw_sha256 for c in CASES if c.name in ("ok_jpeg", "duplicate_a", "duplicate_b")}
-        assert len(duplicates) == 1  # one picture under three URLs: one staging object
+        assert len(duplicates) == 1  # one picture under three URLs: the same raw sha256
         for message in images:
-            data = store.get_bytes(stack_env.get("IEX_S3_BUCKET", "iex"), message.staging_key)
+            # Small images travel in their events, larger ones are staged: exactly one of the two.
+            assert bool(message.data) != bool(message.staging_key)
+            data = message.data or store.get_bytes(stack_env.get("IEX_S3_BUCKET", "iex"), message.staging_key)
+            assert hashlib.sha256(data).hexdigest() == message.raw_sha256
             assert len(data) == message.size_bytes and message.width <= 256 and message.height <= 256
 
         # Reasons are counted in metrics (bounded labels), one count per URL.
