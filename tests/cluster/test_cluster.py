@@ -1,0 +1,160 @@
+"""The chart on a real cluster (k8s/cluster): helm test, an exploration from outside the cluster,
+Prometheus, a pod deleted mid-exploration, a helm upgrade mid-exploration, NetworkPolicies.
+
+Ordered: the exploration tests share the release, the upgrade runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from cluster_client import (
+    assert_nothing_lost,
+    create_exploration,
+    object_store,
+    planner_client,
+    state_name,
+    wait_ended,
+)
+
+from iex.v1 import common_pb2
+
+pytestmark = pytest.mark.cluster
+
+SERVICES = ("planner", "crawler", "dedup", "scorer", "trainer", "search")
+UPGRADE_TAG = "0.1.0-upgrade"  # k8s/cluster/import-images.sh tags the built images with it too
+
+
+@pytest.mark.order(1)
+def test_helm_test_passes(cluster):
+    result = cluster.helm("test", cluster.release, "--logs", timeout=600)
+    print(result.stdout[-4000:])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert re.search(r"Phase:\s+Succeeded", result.stdout), result.stdout
+
+
+@pytest.mark.order(2)
+def test_every_pod_ready_and_images_local(cluster):
+    pods = [p for p in cluster.pods() if p["status"].get("phase") != "Succeeded"]
+    components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
+    assert set(SERVICES) | {"triton", "kafka", "minio"} <= components, components
+    for pod in pods:
+        ready = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}.get("Ready")
+        assert ready == "True", (pod["metadata"]["name"], pod["status"].get("conditions"))
+        for container in pod["spec"]["containers"]:
+            assert container["imagePullPolicy"] == "Never", (pod["metadata"]["name"], container["image"])
+
+
+@pytest.mark.order(3)
+def test_exploration_from_outside_succeeds(cluster):
+    with planner_client(cluster) as planner:
+        exploration_id = create_exploration(cluster, planner, "first")
+    final = wait_ended(lambda: planner_client(cluster), exploration_id, timeout_s=1500)
+    print(f"exploration {exploration_id}: {state_name(final.state)}, counts {final.counts}")
+    assert final.state == common_pb2.EXPLORATION_STATE_SUCCEEDED, (state_name(final.state), final.error)
+    assert_nothing_lost(final)
+
+    # Objects in the cluster's MinIO: the stored images and the planner's state.
+    with object_store(cluster) as store:
+        keys = list(store.list_keys("iex", ""))
+    prefixes = sorted({k.split("/", 1)[0] for k in keys})
+    print(f"MinIO bucket iex: {len(keys)} objects under {prefixes}")
+    assert len(keys) > final.counts.images_unique, (len(keys), prefixes)
+
+    # Events on the cluster's Kafka: end offsets of the exploration's topics, read in the broker's pod.
+    kafka = f"{cluster.fullname}-kafka-0"
+    offsets = {}
+    for topic in ("iex.planner.queries.v1", "iex.crawler.images-fetched.v1", "iex.dedup.images-stored.v1",
+                  "iex.scorer.images-scored.v1", "iex.planner.iterations.v1"):
+        out = cluster.kubectl("exec", kafka, "--", "/opt/kafka/bin/kafka-run-class.sh", "org.apache.kafka.tools.GetOffsetShell",
+                              "--bootstrap-server", "localhost:9092", "--topic", topic, timeout=120)
+        offsets[topic] = sum(int(line.rsplit(":", 1)[1]) for line in out.splitlines() if line.count(":") >= 2)
+    print(f"Kafka end offsets: {offsets}")
+    assert all(n > 0 for n in offsets.values()), offsets
+
+
+def prometheus_query(port: int, expr: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback port-forward
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.mark.order(4)
+def test_prometheus_scrapes_every_service(cluster):
+    with cluster.port_forward("svc/prometheus", 9090, namespace="iex-monitoring") as port:
+        deadline = time.monotonic() + 120
+        while True:
+            up = {r["metric"].get("job"): r["value"][1] for r in prometheus_query(port, "up")}
+            if all(up.get(s) == "1" for s in (*SERVICES, "triton")) or time.monotonic() > deadline:
+                break
+            time.sleep(5)
+        print(f"up: {up}")
+        assert {s: up.get(s) for s in (*SERVICES, "triton")} == {s: "1" for s in (*SERVICES, "triton")}, up
+        # The services' own series are there (what the dashboards query).
+        names = prometheus_query(port, 'count by (__name__) ({__name__=~"iex_.+"})')
+        print(f"{len(names)} iex_* metric names scraped")
+        assert len(names) > 20, names
+
+
+def delete_pod_when(cluster, component: str, condition):
+    """An on_poll callback: deletes the component's pod once `condition(exploration)` holds."""
+    done = {}
+
+    def poll(exploration):
+        if not done and exploration.state == common_pb2.EXPLORATION_STATE_RUNNING and condition(exploration):
+            pod = cluster.pods(component)[0]["metadata"]["name"]
+            cluster.kubectl("delete", "pod", pod, "--wait=false")
+            done["pod"], done["counts"] = pod, str(exploration.counts).replace("\n", " ")
+            print(f"deleted pod {pod} at iteration {exploration.current_iteration}: {done['counts']}")
+
+    return poll, done
+
+
+@pytest.mark.order(5)
+def test_deleting_a_service_pod_mid_exploration_loses_nothing(cluster):
+    with planner_client(cluster) as planner:
+        exploration_id = create_exploration(cluster, planner, "pod-deleted", iterations=2)
+    poll, done = delete_pod_when(cluster, "dedup", lambda e: e.counts.images_fetched > 0)
+    final = wait_ended(lambda: planner_client(cluster), exploration_id, timeout_s=1800, on_poll=poll)
+    print(f"exploration {exploration_id}: {state_name(final.state)}, counts {final.counts}")
+    assert done, "the exploration ended before a pod could be deleted"
+    assert_nothing_lost(final)
+
+
+@pytest.mark.order(6)
+def test_helm_upgrade_to_a_new_tag_rolls_without_losing_work(cluster):
+    with planner_client(cluster) as planner:
+        exploration_id = create_exploration(cluster, planner, "upgrade", iterations=2)
+    started = {}
+
+    def upgrade_once(exploration):
+        if not started and exploration.state == common_pb2.EXPLORATION_STATE_RUNNING and exploration.counts.images_fetched > 0:
+            started["t"] = time.monotonic()
+            result = cluster.helm("upgrade", cluster.release, str(cluster_chart()), "--reuse-values",
+                                  "--set", f"image.tag={UPGRADE_TAG}", "--set", f"trainerImage.tag={UPGRADE_TAG}",
+                                  "--wait", "--timeout", "15m")
+            started["rc"], started["out"] = result.returncode, (result.stdout + result.stderr)[-2000:]
+            print(f"helm upgrade (image tag {UPGRADE_TAG}) took {time.monotonic() - started['t']:.0f}s: rc {result.returncode}")
+
+    final = wait_ended(lambda: planner_client(cluster), exploration_id, timeout_s=2400, on_poll=upgrade_once)
+    assert started, "the exploration ended before the upgrade started"
+    assert started["rc"] == 0, started["out"]
+    images = {c["image"] for p in cluster.pods() for c in p["spec"]["containers"]
+              if p["metadata"]["labels"].get("app.kubernetes.io/component") in SERVICES and p["status"].get("phase") == "Running"}
+    print(f"service images after the upgrade: {images}")
+    assert images and all(i.endswith(f":{UPGRADE_TAG}") for i in images), images
+    print(f"exploration {exploration_id}: {state_name(final.state)}, counts {final.counts}")
+    assert_nothing_lost(final)
+
+
+def cluster_chart():
+    from conftest import REPO
+
+    return REPO / "helm" / "internet-explorer"
