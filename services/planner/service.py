@@ -76,6 +76,10 @@ class PlannerSettings(ServiceSettings):
         0, help="distinct observed concepts up to which the GP is exact, then PIC/FIC; 0: 2048 on a CPU, 16384 on CUDA", minimum=0
     )
     planner_gp_normalize: bool = setting(True, help="standardise concept rewards before the GP (scikit-learn's normalize_y)")
+    planner_fresh_concepts: bool = setting(
+        False,
+        help="leave concepts already queried out of later iterations' draws when queries carry no descriptor (a deterministic search, like the offline web's, answers them with the same images again); they still inform the GP. false: the paper's draw",
+    )
     planner_device: str = setting("auto", help="torch device of the reward model: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
     planner_llm_url: str = setting("", help="OpenAI-compatible base URL for LLM descriptors (e.g. http://vllm:8000/v1); empty disables 'llm'")
     planner_llm_model: str = setting("", help="model name sent to the LLM endpoint")
@@ -444,6 +448,12 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         except DependencyUnavailable:
             pass
 
+    def _queried_rows(self, pool: planning.Pool, rewards: dict[str, list[float]], spec) -> np.ndarray | None:
+        """Concepts not to draw again (planner_fresh_concepts): those queried, unless a descriptor makes each query new."""
+        if not self.settings.planner_fresh_concepts or (spec.descriptors or descriptor_sources.NONE) != descriptor_sources.NONE:
+            return None
+        return np.array([pool.index[k] for k in rewards if k in pool.index], dtype=np.int64)
+
     def _plan_step(self, exploration_id: str) -> int:
         """Publishes a persisted plan, or plans a requested iteration. Returns 1 while waiting for embeddings."""
         with self.explorations.lock:
@@ -496,6 +506,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             ),
             reward_model=self.reward_model,
             descriptors=self._descriptor_source(spec.descriptors or descriptor_sources.NONE),
+            exclude=self._queried_rows(pool, rewards, spec),
         )
         self.m_planning_seconds.labels(reward_model=plan.method).observe(plan.seconds)
         if spec.descriptors == descriptor_sources.LLM and any(d.source != descriptor_sources.LLM for d in plan.descriptors):

@@ -61,6 +61,21 @@ def test_ablation_scorings_are_what_they_say():
         planning.make_plan(pool, rewards, rng=np.random.default_rng(0), scoring="greedy", **kwargs)
 
 
+def test_excluded_concepts_are_never_drawn_and_the_tiers_fill_with_the_rest():
+    pool, truth, _rng = clustered_world(seed=4, size=3000)
+    model = planning.RewardModel(device="cpu")
+    queried = np.argsort(-truth)[:300]  # the best concepts, already queried
+    rewards = {pool.keys[row]: [float(truth[row])] for row in queried}
+    kwargs = dict(mode="ie", queries=200, reward_model=model, model_params=planning.ModelParams(exact_max=600))
+    fresh = planning.make_plan(pool, rewards, rng=np.random.default_rng(0), exclude=queried, **kwargs)
+    again = planning.make_plan(pool, rewards, rng=np.random.default_rng(0), **kwargs)
+    assert not set(fresh.picks) & set(queried.tolist()) and len(set(fresh.picks)) == 200
+    assert np.isclose(fresh.probabilities.sum(), 1.0) and (fresh.probabilities[queried] == 0).all()
+    assert set(again.picks) & set(queried.tolist())  # the paper's draw queries the known best again
+    # The rest is still drawn by the model: the fresh picks lean to the queried concepts' neighbours.
+    assert float(np.mean(truth[fresh.picks])) > float(np.mean(np.delete(truth, queried))) + 0.1
+
+
 def test_gp_sampler_queries_far_more_high_reward_concepts_than_random():
     pool, truth, rng = clustered_world(seed=1, size=6000)
     best = set(np.argsort(-truth)[: len(pool) // 100].tolist())  # the top 1% of concepts
