@@ -113,7 +113,7 @@ class DedupService(Service):
             contamination_max_distance=settings.contamination_max_distance,
             inline_max_bytes=min(settings.dedup_inline_max_bytes, settings.kafka_max_message_bytes // 2),
         )
-        self.deduplicator = Deduplicator(self.store, bucket, self.guard, policy, near=self.near, write_intents=settings.near_index_intents)
+        self.deduplicator = Deduplicator(self.store, bucket, self.guard, policy, near=self.near)
         self.stats = DedupStats(self.store, bucket, replica, settings.stats_persist_interval_s)
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -167,11 +167,6 @@ class DedupService(Service):
 
     def concurrent_topics(self) -> dict[str, int]:
         return {topics.IMAGES_FETCHED.name: self.settings.dedup_decision_threads}
-
-    def before_commit(self) -> None:
-        if not self.settings.near_index_intents:
-            # The batch's new entries are durable before its offsets: they have no intents.
-            self.near.flush(force=True)
 
     def after_batch(self) -> None:
         try:

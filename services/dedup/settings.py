@@ -52,10 +52,6 @@ class DedupSettings(ServiceSettings):
     near_index_orphan_after_s: float = setting(
         120.0, help="another replica's write-ahead index entry still listed after this many seconds is folded into a segment here", minimum=1
     )
-    near_index_intents: bool = setting(
-        False,
-        help="write each new object's index entry to S3 as a write-ahead intent before the object (one PUT an image). false: the replica's new entries are flushed as one segment before every offset commit instead, and an image that crashed before it is re-indexed by its redelivery",
-    )
     near_index_max_segments: int = setting(
         24, help="more index segments than this in S3 are merged (smallest first), bounding what a starting replica reads", minimum=2
     )

@@ -9,7 +9,7 @@ Object layout (bucket IEX_S3_BUCKET):
 A decision is found by image (GetDecision) by listing `decisions/<exploration>/<raw sha256>/`. The
 first finder of an object is named by the object's own metadata; provenance records credit the
 duplicates found after it. Per accepted image that is one object and one record written (plus the
-index segment of its batch, services.dedup.sharedindex), nothing read back but the object's HEAD.
+index intent, services.dedup.sharedindex), nothing read back but the object's HEAD.
 
 `<url hash>` is the first 16 hex digits of sha256(url): one image found by one query under two URLs
 gets two decisions (the second an exact duplicate of the first).
@@ -31,10 +31,8 @@ publishes only after `decide_and_store` returns; the consumer commits only after
   decide differently on a redo is the exact-duplicate check (the image would find its own object),
   so each object's metadata names its first finder (exploration, query, raw sha256, URL hash) and a
   redo by that finder is the same UNIQUE decision again;
-- no committed image is missing from the near-duplicate index: by default the batch's new entries
-  are flushed as a segment before its offsets are committed (the service's before_commit), and an
-  image whose process died first is redelivered, finds its own object and is indexed again; with
-  write_intents, each entry is made durable (a write-ahead intent) before its object. An intent whose object was never
+- an accepted image's index entry is made durable (a write-ahead intent) before its object, so no
+  crash leaves a stored image out of the near-duplicate index. An intent whose object was never
   written is completed by whoever meets it (`complete_intent`): same bytes, same first-finder
   metadata, so the first finder's redo is still UNIQUE and nothing refers to a missing object.
 
@@ -244,19 +242,13 @@ class _Claims:
 
 
 class Deduplicator:
-    def __init__(
-        self, store, bucket: str, guard: Guard, policy: DedupPolicy = DedupPolicy(), near: SharedNearIndex | None = None, write_intents: bool = True
-    ) -> None:
+    def __init__(self, store, bucket: str, guard: Guard, policy: DedupPolicy = DedupPolicy(), near: SharedNearIndex | None = None) -> None:
         self.store = store
         self.bucket = bucket
         self.guard = guard
         self.policy = policy
         # None: exact duplicates only.
         self.near = near
-        # False: the caller flushes the index before committing the images' offsets (the service's
-        # before_commit), so a new entry needs no intent of its own: until that flush its image is
-        # uncommitted, and a redelivery after a crash finds its own object and indexes it again.
-        self.write_intents = write_intents
         self._claim = threading.RLock()
         self._claims = _Claims()
 
@@ -392,7 +384,7 @@ class Deduplicator:
         """The claimed image's intent (durable before its object), then the object; waiters learn the outcome."""
         intent_written = False
         try:
-            if intent is not None and self.write_intents:
+            if intent is not None:
                 self.near.write_intent(intent)
                 intent_written = True
             self.store.put_bytes(self.bucket, object_key, encoding.data, content_type=encoding.content_type, metadata=claim.metadata)
@@ -418,17 +410,13 @@ class Deduplicator:
         return self.store.stat_metadata(self.bucket, image_key(pixel_sha))
 
     def _ensure_indexed(self, fetched: events_pb2.ImageFetched, hashes: ImageHashes, metadata: dict[str, str]) -> None:
-        """A redone UNIQUE decision: its entry may have died with the attempt (no intent, no flush); index it again."""
+        """A redone UNIQUE decision: its entry was made durable before its object; keep it in memory too."""
         if not self._indexable(hashes):
             return
         if hashes.pixel_sha256 in self.near:
             self.near.confirm(hashes.pixel_sha256)  # known through the intent: the object exists
             return
-        intent = self._intent(fetched, hashes, dict(metadata))
-        if self.write_intents:
-            self.near.write_intent(intent)
-        else:
-            self.near.reserve(intent)  # durable with the segment flushed before this image's commit
+        self.near.write_intent(self._intent(fetched, hashes, dict(metadata)))
         self.near.stored(hashes.pixel_sha256)
 
     def complete_intent(self, intent: Intent) -> bool:

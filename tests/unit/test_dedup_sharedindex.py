@@ -36,20 +36,16 @@ class Clock:
 
 
 class Replica:
-    def __init__(self, store: FakeObjectStore, clock: Clock, name: str, timings: IndexTimings = TIMINGS, write_intents: bool = True) -> None:
+    def __init__(self, store: FakeObjectStore, clock: Clock, name: str, timings: IndexTimings = TIMINGS) -> None:
         self.near = SharedNearIndex(store, BUCKET, name, max_distance=20, timings=timings, clock=clock)
         directory = ExplorationDirectory(store, BUCKET)
         directory.remember("exp-1", "")
         guard = TargetGuard(store, BUCKET, directory.target_uri, max_pixels=DEFAULT_MAX_PIXELS)
-        self.dedup = Deduplicator(store, BUCKET, guard, DedupPolicy(), near=self.near, write_intents=write_intents)
+        self.dedup = Deduplicator(store, BUCKET, guard, DedupPolicy(), near=self.near)
         self.initialised = self.near.load()
 
     def decide(self, event):
         return self.dedup.decide_and_store(event)
-
-    def before_commit(self) -> None:
-        """What the service does before committing a batch when it writes no intents."""
-        self.near.flush(force=True)
 
     def between_batches(self) -> None:
         """What the service does after each batch."""
@@ -320,40 +316,3 @@ def test_segments_skip_damaged_objects(store, clock):
     store.put_bytes(BUCKET, segments.new_segment_key(3, "intruder"), b"IEXNEAR1{not json")
     store.put_json(BUCKET, segments.wal_key("ab" * 32), {"hash_version": "2", "pixel_sha256": "x"})
     assert len(fresh_entries(store, clock)) == 1
-
-
-def test_without_intents_new_entries_are_flushed_before_the_commit(store, clock):
-    a, b = Replica(store, clock, "a", write_intents=False), Replica(store, clock, "b")
-    image = picture(11)
-    stored = a.decide(fetched_event(store, jpeg(image), query="q-a")).decision
-    assert stored.kind == UNIQUE and store.keys(segments.wal_prefix()) == []  # no intent written
-    # Seen by the writer's own decisions at once...
-    assert a.decide(fetched_event(store, jpeg(half(image)), query="q-a2")).decision.kind == NEAR_DUPLICATE
-    a.before_commit()
-    # ...and by every replica once committed (flushed as a segment) and refreshed.
-    clock.now += TIMINGS.refresh_s
-    b.between_batches()
-    assert stored.pixel_sha256 in b.near
-    assert b.decide(fetched_event(store, jpeg(half(image), quality=70), query="q-b")).decision.kind == NEAR_DUPLICATE
-
-
-def test_without_intents_a_crash_before_the_flush_is_reindexed_by_the_redelivery(store, clock):
-    image = picture(12)
-    original = fetched_event(store, jpeg(image), query="q-original")
-    a = Replica(store, clock, "a", write_intents=False)
-    first = a.decide(original)
-    assert first.decision.kind == UNIQUE
-    del a  # killed after the object and the record, before the flush: the offset was never committed
-    restarted = Replica(store, clock, "a2", write_intents=False)
-    assert first.decision.pixel_sha256 not in restarted.near
-    redo = restarted.decide(original)  # the redelivery
-    carried = type(first.decision)()
-    carried.CopyFrom(first.decision)
-    carried.ClearField("image_data")  # the first answer carried the new object's bytes; a replay does not
-    assert redo.replayed and redo.decision == carried
-    assert first.decision.pixel_sha256 in restarted.near  # indexed again on the way
-    restarted.before_commit()
-    clock.now += TIMINGS.refresh_s
-    other = Replica(store, clock, "b")
-    assert first.decision.pixel_sha256 in other.near
-    assert objects(store) == [first.decision.object_key]
