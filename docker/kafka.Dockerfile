@@ -16,7 +16,7 @@ LABEL org.opencontainers.image.title="internet-explorer-kafka" \
 COPY libs /opt/kafka/libs
 COPY docker/kafka/bin /opt/kafka/bin
 COPY docker/kafka/run /etc/kafka/docker/run
-COPY docker/kafka/log4j2.yaml /etc/kafka/docker/log4j2.yaml
+COPY docker/kafka/log4j2.yaml docker/kafka/tools-log4j2.yaml /etc/kafka/docker/
 RUN chmod 0755 /opt/kafka/bin/* /etc/kafka/docker/run \
  && mkdir -p /opt/kafka/config /opt/kafka/logs /var/lib/kafka/data \
  && chown -R 1000:1000 /opt/kafka/config /opt/kafka/logs /var/lib/kafka

@@ -220,8 +220,10 @@ resolvConf: ""
 failSwapOn: false
 maxPods: 110
 serializeImagePulls: false
-imageGCHighThresholdPercent: 95
-imageGCLowThresholdPercent: 90
+# No image garbage collection: every image is imported from local storage and cannot be pulled
+# again (a full shared disk once made the kubelet delete the pause image).
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 # Absolute floors: the machine's disk is shared, and a percentage of a large disk would evict pods
 # while gigabytes are free.
 evictionHard: {memory.available: 200Mi, nodefs.available: 2Gi, imagefs.available: 2Gi}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import zlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -69,7 +70,9 @@ def create_exploration(cluster, planner: Planner, name: str, iterations: int = 1
         store.ensure_bucket("iex")
         target_uri = upload_target(store, "iex", f"targets/cluster-{name}", DEMO_TARGET_CONCEPTS)
     args = argparse.Namespace(**{**DEMO.as_dict(), "iterations": iterations, "queries": queries,
-                                 "images_per_query": DEMO.images_per_query, "descriptors": None, "seed": 7})
+                                 "images_per_query": DEMO.images_per_query, "descriptors": None,
+                                 # Each exploration samples other concepts: a repeat would find only duplicates.
+                                 "seed": zlib.crc32(name.encode()) % 100_000 + 1})
     spec = exploration_spec(args, display_name=f"cluster suite: {name}", target_uri=target_uri,
                             concepts=list(synthetic.CONCEPTS), labels=[])
     created = planner.stub.CreateExploration(planner_pb2.CreateExplorationRequest(spec=spec), metadata=planner.metadata, timeout=60)
