@@ -69,19 +69,23 @@ fi
 WHEEL_ARGS=(-v "$WHEELHOUSE:/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1
   --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg "PYTHON_IMAGE=$PY_BASE")
 
-# The project's context: HEAD's sources (never a half-edited tree) and this tree's docker/.
+# The project's context: the sources of a commit (IEX_CLUSTER_SOURCE_REF, default HEAD; never a
+# half-edited tree) and this tree's docker/. The service image is rebuilt when services/, protos/,
+# pyproject.toml or its Dockerfile change, not for any other commit.
+SOURCE_REF=${IEX_CLUSTER_SOURCE_REF:-HEAD}
 CTX=$IEX_CLUSTER_CACHE/ctx/src
 rm -rf "$CTX"; mkdir -p "$CTX"
-git -C "$IEX_CLUSTER_ROOT" archive HEAD pyproject.toml README.md protos services | tar -C "$CTX" -xf -
+git -C "$IEX_CLUSTER_ROOT" archive "$SOURCE_REF" pyproject.toml README.md protos services | tar -C "$CTX" -xf -
 cp -r "$IEX_CLUSTER_ROOT/docker" "$CTX/docker"
-SRC_KEY=$( { git -C "$IEX_CLUSTER_ROOT" rev-parse HEAD:services HEAD:protos HEAD:pyproject.toml; \
-  (cd "$CTX" && find docker -type f | sort | xargs sha256sum); echo "$PY_BASE_ID"; } | hash_of)
+SRC_KEY=$( { git -C "$IEX_CLUSTER_ROOT" rev-parse "$SOURCE_REF:services" "$SOURCE_REF:protos" "$SOURCE_REF:pyproject.toml"; \
+  cat "$CTX/docker/service.Dockerfile"; echo "$PY_BASE_ID"; } | hash_of)
+TRAINER_KEY=$( { echo "$SRC_KEY"; cat "$CTX/docker/trainer.Dockerfile"; } | hash_of)
 
 if want service; then
   bud service "docker.io/internet-explorer/service:$IMAGE_TAG" "$SRC_KEY" "$CTX" "$CTX/docker/service.Dockerfile" "${WHEEL_ARGS[@]}"
 fi
 if want trainer; then
-  bud trainer "docker.io/internet-explorer/trainer:$IMAGE_TAG" "$SRC_KEY" "$CTX" "$CTX/docker/trainer.Dockerfile" "${WHEEL_ARGS[@]}"
+  bud trainer "docker.io/internet-explorer/trainer:$IMAGE_TAG" "$TRAINER_KEY" "$CTX" "$CTX/docker/trainer.Dockerfile" "${WHEEL_ARGS[@]}"
 fi
 if want triton; then
   key=$( { cat "$CTX/docker/triton-python.Dockerfile" "$CTX"/docker/triton/*; echo "$PY_BASE_ID"; } | hash_of)

@@ -4,6 +4,8 @@
 # directories, pod network namespaces, iptables chains (KUBE-*, CNI-*, IEX-CLUSTER-*), the bridge,
 # ip_forward. Removes $IEX_CLUSTER_RUN. The build caches ($IEX_CLUSTER_CACHE) stay.
 source "$(dirname "$0")/env.sh"
+# Best effort to the end: one step that finds nothing to undo must not stop the others.
+set +e +o pipefail
 RUN=$IEX_CLUSTER_RUN
 SOCK=/run/iex-cluster/containerd.sock
 [ -d "$RUN" ] || [ -d /run/iex-cluster ] || ip link show "$BRIDGE" >/dev/null 2>&1 || { log "no cluster to stop"; exit 0; }
@@ -75,7 +77,7 @@ bnf=$(cat "$RUN/changes/bridge_nf" 2>/dev/null || echo none)
 
 # 5. What is left: the state directories (not the caches), and a report of any difference.
 if [ -f "$RUN/changes/iptables_before" ]; then
-  diff <(grep -vE '^(#|:)' "$RUN/changes/iptables_before" | sed 's/\[[0-9:]*\]//') <(iptables-save | grep -vE '^(#|:)' | sed 's/\[[0-9:]*\]//') >/dev/null \
+  diff <(grep -vE '^(#|:|\*|COMMIT)' "$RUN/changes/iptables_before") <(iptables-save 2>/dev/null | grep -vE '^(#|:|\*|COMMIT)') >/dev/null \
     || log "note: iptables differs from before up (iptables-save and $RUN/changes/iptables_before)"
 fi
 [ "$(cat "$RUN/changes/containerd_s" 2>/dev/null)" = new ] && rm -rf /run/containerd
