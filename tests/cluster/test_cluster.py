@@ -163,6 +163,48 @@ def test_prometheus_scrapes_every_service(cluster):
         assert len(names) > 20, names
 
 
+# Series that exist only on a GPU (Triton's nv_gpu_*) or once an error of that kind happened
+# (labelled counters of failures, dead letters, skipped images): a clean CPU run has none.
+NO_DATA_EXPECTED = re.compile(r"nv_gpu_|_dead_lettered_|_handler_errors_|_images_skipped_|_model_load_failures_")
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "1m", "$namespace": ".*"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and query variable of the chart's dashboards."""
+    queries = []
+    for path in sorted((cluster_chart() / "files" / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                queries.append((f"{path.name}: {panel['title']}", target["expr"]))
+        for variable in board["templating"]["list"]:
+            if variable.get("type") == "query":
+                queries.append((f"{path.name}: variable {variable['name']}", variable["definition"].removeprefix("label_values(").split(",")[0]))
+    return queries
+
+
+@pytest.mark.order(5)
+def test_every_dashboard_query_returns_data(cluster):
+    """After the first exploration, every query of the Grafana dashboards runs on the in-cluster
+    Prometheus and returns series, but for GPU and error-only families (NO_DATA_EXPECTED)."""
+    empty, refused = [], []
+    with cluster.port_forward("svc/prometheus", 9090, namespace="iex-monitoring") as port:
+        queries = dashboard_queries()
+        for where, expr in queries:
+            for name, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(name, value)
+            try:
+                result = prometheus_query(port, expr)
+            except (AssertionError, OSError) as exc:
+                refused.append((where, str(exc)[:200]))
+                continue
+            if not result and not NO_DATA_EXPECTED.search(expr):
+                empty.append((where, expr))
+    print(f"{len(queries)} dashboard queries: {len(refused)} refused, {len(empty)} without data (GPU and error-only families aside)")
+    assert not refused, refused
+    assert not empty, empty
+
+
 def delete_pod_when(cluster, component: str, condition):
     """An on_poll callback: deletes the component's pod once `condition(exploration)` holds."""
     done = {}
@@ -177,7 +219,7 @@ def delete_pod_when(cluster, component: str, condition):
     return poll, done
 
 
-@pytest.mark.order(5)
+@pytest.mark.order(6)
 def test_deleting_a_service_pod_mid_exploration_loses_nothing(cluster):
     with planner_client(cluster) as planner:
         exploration_id = create_exploration(cluster, planner, "pod-deleted", iterations=2)
@@ -188,7 +230,7 @@ def test_deleting_a_service_pod_mid_exploration_loses_nothing(cluster):
     assert_nothing_lost(final)
 
 
-@pytest.mark.order(6)
+@pytest.mark.order(7)
 def test_helm_upgrade_to_a_new_tag_rolls_without_losing_work(cluster):
     with planner_client(cluster) as planner:
         exploration_id = create_exploration(cluster, planner, "upgrade", iterations=2)
