@@ -178,8 +178,15 @@ kind-install: tools
 # Debian, PyPI, Maven Central): binaries and images cached under $${XDG_CACHE_HOME:-~/.cache}/iex/cluster,
 # `helm install --wait` of the default profile, the cluster suite (tests/cluster), and a teardown
 # that restores what `cluster-up` changed. Needs root. `make test` never runs any of it.
-.PHONY: cluster-build cluster-images cluster-up cluster-install test-cluster cluster-down cluster-ci
-cluster-build:
+.PHONY: cluster-deps cluster-build cluster-images cluster-up cluster-install test-cluster cluster-down cluster-ci
+# Debian packages of the node (containerd, runc, CNI plugins) and of the image builds; Go, gcc,
+# Maven and Java come with the machine (the compat suite needs them too).
+CLUSTER_DEBS := containerd runc containernetworking-plugins buildah debootstrap iptables conntrack
+cluster-deps:
+	@command -v containerd >/dev/null && command -v buildah >/dev/null && command -v debootstrap >/dev/null && [ -x /usr/lib/cni/bridge ] \
+		|| $(call logged,installing the cluster's Debian packages,$(APT_INSTALL) --no-install-recommends $(CLUSTER_DEBS))
+
+cluster-build: cluster-deps
 	bash k8s/cluster/build-binaries.sh
 
 cluster-images: setup cluster-build
@@ -198,12 +205,9 @@ test-cluster: setup
 cluster-down:
 	bash k8s/cluster/down.sh
 
-# All of it, with the teardown whatever happens (what CI runs).
-cluster-ci: setup tools
-	@set -e; trap 'bash k8s/cluster/down.sh' EXIT; \
-	$(MAKE) --no-print-directory cluster-up; \
-	$(MAKE) --no-print-directory cluster-install; \
-	$(MAKE) --no-print-directory test-cluster
+# All of it, with the teardown whatever happens (what CI runs; k8s/cluster/ci.sh).
+cluster-ci: setup tools cluster-images
+	bash k8s/cluster/ci.sh
 
 # ---- Offline web data (services/offlineweb; docs/offline-web.md) -------------------------------
 # Emoji sets (npm), clip art, Tux Paint stamps and WordNet (Debian), fetched into ~/.cache/iex and
