@@ -53,6 +53,32 @@ def test_every_pod_ready_and_images_local(cluster):
             assert container["imagePullPolicy"] == "Never", (pod["metadata"]["name"], container["image"])
 
 
+@pytest.mark.order(2)
+def test_kafka_topics_job_created_every_topic_with_its_retention(cluster):
+    """The chart's topic Job (a post-install/upgrade hook) left every topic of values.yaml with
+    its partitions and retention, whether it created the topic or a service did first."""
+    import yaml
+
+    values = yaml.safe_load((cluster_chart() / "values.yaml").read_text())["kafka"]["topics"]
+    retention = int(values["retentionHours"]) * 3600000
+    kafka = f"{cluster.fullname}-kafka-0"
+    out = cluster.kubectl("exec", kafka, "--", "/opt/kafka/bin/kafka-configs.sh", "--bootstrap-server", "localhost:9092",
+                          "--describe", "--entity-type", "topics", timeout=180)
+    configured, current = {}, None
+    for line in out.splitlines():
+        m = re.match(r"Dynamic configs for topic (\S+) are:", line)
+        if m:
+            current = m.group(1)
+        elif current and (r := re.match(r"\s+retention\.ms=(\d+) ", line)):
+            configured[current] = int(r.group(1))
+    wrong = {t: configured.get(t) for t in values["names"] if configured.get(t) != retention}
+    assert not wrong, f"topics without retention.ms={retention}: {wrong}"
+    described = cluster.kubectl("exec", kafka, "--", "/opt/kafka/bin/kafka-topics.sh", "--bootstrap-server", "localhost:9092",
+                                "--describe", "--topic", "iex\\..*", timeout=180)
+    partitions = dict(re.findall(r"Topic: (\S+)\s+TopicId: \S+\s+PartitionCount: (\d+)", described))
+    assert {t: int(partitions.get(t, 0)) for t in values["names"]} == {t: values["partitions"] for t in values["names"]}, partitions
+
+
 PROBE_POD = """
 apiVersion: v1
 kind: Pod
