@@ -125,4 +125,7 @@ for b in "coredns:$COREDNS_BIN/coredns:${COREDNS_VERSION}" "pause:$BIN/pause:3.1
   key=$( { sha256sum < "$file"; cat "$IEX_CLUSTER_ROOT/k8s/cluster/images/binary.Dockerfile"; } | hash_of)
   bud "$name" "localhost/iex-cluster/$name:$tag" "$key" "$bctx" "$IEX_CLUSTER_ROOT/k8s/cluster/images/binary.Dockerfile"
 done
+# Images no tag names any more (a rebuilt service image's predecessor, build stages): their ~7 GB
+# would pile up at every change of services/. The cost: a rebuild reinstalls torch's wheels too.
+bh rmi --prune >/dev/null 2>&1 || true
 log "images ready"
