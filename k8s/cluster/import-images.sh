@@ -14,6 +14,17 @@ for ref in $refs; do
   id=$(bh inspect --type image --format '{{.FromImageID}}' "$ref" 2>/dev/null || bh images -q --no-trunc "$ref" | head -n1)
   stamp=$STAMPS/$(echo "$ref" | tr '/:' '__')
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$id" ] && grep -qx "$ref" <<<"$present"; then continue; fi
+  if grep -qx "$ref" <<<"$present"; then
+    # A changed image replaces its predecessor: every tag of the old content goes first (the trainer
+    # and upgrade tags are re-made below), so that containerd drops its blobs and unpacked layers
+    # (~14 GB for the service image) before the new ones arrive, instead of holding both on the disk.
+    old=$(ctr_ images ls 2>/dev/null | awk -v r="$ref" '$1 == r {print $3}' || true)
+    stale=$( [ -n "$old" ] && ctr_ images ls 2>/dev/null | awk -v d="$old" '$3 == d {print $1}' || true)
+    if [ -n "$stale" ]; then
+      log "removing the previous content of $ref from containerd ($(echo $stale | wc -w) tags)"
+      ctr_ images rm --sync $stale >/dev/null 2>&1 || true
+    fi
+  fi
   log "importing $ref into containerd"
   # Streamed (no archive on disk: the service image alone is ~7 GB).
   "${NICE[@]}" buildah --root "$IEX_CLUSTER_CACHE/containers/storage" --runroot /run/iex-cluster-buildah --storage-driver overlay \
