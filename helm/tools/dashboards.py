@@ -528,6 +528,22 @@ def render(uid: str, title: str, panels: list[Panel]) -> dict[str, Any]:
     }
 
 
+def rendered_queries(directory) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and query variable of the dashboards rendered in `directory`."""
+    from pathlib import Path
+
+    queries = []
+    for path in sorted(Path(directory).glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                queries.append((f"{path.name}: {panel['title']}", target["expr"]))
+        for variable in board["templating"]["list"]:
+            if variable.get("type") == "query":
+                queries.append((f"{path.name}: variable {variable['name']}", variable["definition"].removeprefix("label_values(").split(",")[0]))
+    return queries
+
+
 def build_all() -> dict[str, str]:
     """File name -> JSON text of every dashboard."""
     out = {}

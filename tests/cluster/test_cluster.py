@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -197,16 +198,10 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": 
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(where, PromQL) of every panel target and query variable of the chart's dashboards."""
-    queries = []
-    for path in sorted((cluster_chart() / "files" / "dashboards").glob("*.json")):
-        board = json.loads(path.read_text())
-        for panel in board["panels"]:
-            for target in panel.get("targets", []):
-                queries.append((f"{path.name}: {panel['title']}", target["expr"]))
-        for variable in board["templating"]["list"]:
-            if variable.get("type") == "query":
-                queries.append((f"{path.name}: variable {variable['name']}", variable["definition"].removeprefix("label_values(").split(",")[0]))
-    return queries
+    sys.path.insert(0, str(cluster_chart().parents[1] / "helm" / "tools"))
+    import dashboards  # noqa: PLC0415 - the chart's own tools, next to the chart
+
+    return dashboards.rendered_queries(cluster_chart() / "files" / "dashboards")
 
 
 @pytest.mark.order(5)

@@ -48,16 +48,7 @@ def substitute(expr: str) -> str:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(where, PromQL) of every panel target and template variable of every dashboard."""
-    queries = []
-    for path in sorted((CHART / "files" / "dashboards").glob("*.json")):
-        board = json.loads(path.read_text())
-        for panel in board["panels"]:
-            for target in panel.get("targets", []):
-                queries.append((f"{path.name}: {panel['title']}", target["expr"]))
-        for variable in board["templating"]["list"]:
-            if variable.get("type") == "query":
-                queries.append((f"{path.name}: variable {variable['name']}", variable["definition"].removeprefix("label_values(").split(",")[0]))
-    return queries
+    return dashboards.rendered_queries(CHART / "files" / "dashboards")
 
 
 def rule_queries() -> list[tuple[str, str]]:

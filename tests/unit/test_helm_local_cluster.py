@@ -4,27 +4,14 @@ revealed, held here as render checks so they hold without a cluster."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import yaml
+from test_helm_chart import helm  # noqa: F401 - the helm binary fixture, shared
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "helm" / "tools"))
-
-import generate  # noqa: E402
-
 CHART = ROOT / "helm" / "internet-explorer"
 LOCAL_VALUES = ROOT / "k8s" / "cluster" / "values-local.yaml"
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    try:
-        return generate.helm_binary()
-    except FileNotFoundError as exc:
-        pytest.fail(f"{exc} (make setup installs it)")
 
 
 def render(helm: str, *args: str) -> list[dict]:
