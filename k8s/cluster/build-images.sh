@@ -42,6 +42,14 @@ base_image() { # name rootfs-tar ref
 bud() { # name ref key context dockerfile [args...]
   local name=$1 ref=$2 key=$3 ctx=$4 file=$5; shift 5
   if fresh "$name" "$key" "$ref"; then log "image $ref: cached"; return; fi
+  # The predecessor of a changed image, and what a failed build left, go first: the service image
+  # is ~7 GB, and this disk does not hold the old one, the new one and the commit of its layer at once.
+  bh rm --all >/dev/null 2>&1 || true
+  if bh inspect --type image "$ref" >/dev/null 2>&1; then
+    log "image $ref: removing its previous build first"
+    bh rmi -f "$ref" >/dev/null 2>&1 || true
+  fi
+  bh rmi --prune >/dev/null 2>&1 || true
   log "image $ref: buildah bud -f $file"
   local started=$SECONDS
   bh bud --layers --isolation chroot --network host -f "$file" -t "$ref" "$@" "$ctx" >"$IEX_CLUSTER_CACHE/images/$name.log" 2>&1 \
