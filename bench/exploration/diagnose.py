@@ -134,7 +134,7 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
     run = Run(arm, seed)
     for _ in range(rounds):
         began = time.perf_counter()
-        exclude = np.array([pool.index[k] for k in rewards], dtype=np.int64) if fresh else None
+        exclude = planning.queried_rows(pool, rewards) if fresh else None
         plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring, exclude=exclude)
         run.plan_seconds += time.perf_counter() - began
         hits = web.search([pool.names[i] for i in plan.picks], images_per_query)

@@ -178,10 +178,7 @@ class SharedNearIndex:
     def drop(self, pixel_sha256: str) -> None:
         """An intent whose object can never be written (its staged bytes are gone): forget the entry."""
         with self._lock:
-            self._intents.pop(pixel_sha256, None)
-            row = self.index.row_of(pixel_sha256)
-            if row is not None:
-                self.index.disable(row)
+            self._unindex(pixel_sha256)
             key = segments.wal_key(pixel_sha256)
             self._wal_seen.pop(key, None)
             self._wal_loaded.discard(key)
@@ -220,12 +217,16 @@ class SharedNearIndex:
     def forget(self, pixel_sha256: str) -> None:
         """A reserved entry whose intent was never written: out of memory (there is nothing to delete)."""
         with self._lock:
-            self._intents.pop(pixel_sha256, None)
             self._own_in_flight.discard(pixel_sha256)
-            row = self.index.row_of(pixel_sha256)
-            if row is not None:
-                self.index.disable(row)
+            self._unindex(pixel_sha256)
         self.metrics.entries.set(len(self.index))
+
+    def _unindex(self, pixel_sha256: str) -> None:
+        """The entry and its intent out of this replica's memory (callers hold the lock)."""
+        self._intents.pop(pixel_sha256, None)
+        row = self.index.row_of(pixel_sha256)
+        if row is not None:
+            self.index.disable(row)
 
     def stored(self, pixel_sha256: str) -> None:
         """Our object is written: the entry goes into our next segment."""

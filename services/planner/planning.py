@@ -288,6 +288,11 @@ def observed_scores(pool: Pool, rewards: dict[str, list[float]]) -> tuple[np.nda
     return scores, sum(len(v) for k, v in rewards.items() if k in pool.index)
 
 
+def queried_rows(pool: Pool, rewards: dict[str, list[float]]) -> np.ndarray:
+    """Pool rows of the concepts that have observed rewards (were queried): make_plan's `exclude`."""
+    return np.array([pool.index[k] for k in rewards if k in pool.index], dtype=np.int64)
+
+
 def make_plan(
     pool: Pool,
     rewards: dict[str, list[float]],
@@ -355,18 +360,15 @@ def make_plan(
             picks, li, ci = [], iter(label_picks.tolist()), iter(concept_picks.tolist())
             for flag in is_label_query:
                 picks.append(next(li) if flag else next(ci))
-        elif exclude is not None and len(exclude):
-            allowed = np.ones(P, dtype=bool)
-            allowed[np.asarray(exclude, dtype=np.int64)] = False
-            rows = np.flatnonzero(allowed)
-            probs = np.zeros(P)
-            if rows.size:
-                probs[rows] = concept_distribution(scores[rows], sampling_params)
-            else:
-                probs = concept_distribution(scores, sampling_params)
-            picks = sampling.sample(probs, queries, rng).tolist()
         else:
-            probs = concept_distribution(scores, sampling_params)
+            allowed = np.ones(P, dtype=bool)
+            if exclude is not None and len(exclude):
+                allowed[np.asarray(exclude, dtype=np.int64)] = False
+            if allowed.all() or not allowed.any():
+                probs = concept_distribution(scores, sampling_params)
+            else:
+                probs = np.zeros(P)
+                probs[allowed] = concept_distribution(scores[allowed], sampling_params)
             picks = sampling.sample(probs, queries, rng).tolist()
         timings["sampling"] = time.perf_counter() - t
     t = time.perf_counter()

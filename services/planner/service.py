@@ -452,7 +452,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         """Concepts not to draw again (planner_fresh_concepts): those queried, unless a descriptor makes each query new."""
         if not self.settings.planner_fresh_concepts or (spec.descriptors or descriptor_sources.NONE) != descriptor_sources.NONE:
             return None
-        return np.array([pool.index[k] for k in rewards if k in pool.index], dtype=np.int64)
+        return planning.queried_rows(pool, rewards)
 
     def _plan_step(self, exploration_id: str) -> int:
         """Publishes a persisted plan, or plans a requested iteration. Returns 1 while waiting for embeddings."""
