@@ -42,14 +42,11 @@ base_image() { # name rootfs-tar ref
 bud() { # name ref key context dockerfile [args...]
   local name=$1 ref=$2 key=$3 ctx=$4 file=$5; shift 5
   if fresh "$name" "$key" "$ref"; then log "image $ref: cached"; return; fi
-  # The predecessor of a changed image, and what a failed build left, go first: the service image
-  # is ~7 GB, and this disk does not hold the old one, the new one and the commit of its layer at once.
+  # What a failed build left goes first. The previous build stays: its layers are this build's
+  # cache (--layers), so a change of the sources alone rebuilds the service image's last, small
+  # layer over the torch and dependency layers it has; the end of this script drops what no image
+  # uses any more.
   bh rm --all >/dev/null 2>&1 || true
-  if bh inspect --type image "$ref" >/dev/null 2>&1; then
-    log "image $ref: removing its previous build first"
-    bh rmi -f "$ref" >/dev/null 2>&1 || true
-  fi
-  bh rmi --prune >/dev/null 2>&1 || true
   log "image $ref: buildah bud -f $file"
   local started=$SECONDS
   bh bud --layers --isolation chroot --network host -f "$file" -t "$ref" "$@" "$ctx" >"$IEX_CLUSTER_CACHE/images/$name.log" 2>&1 \
@@ -133,7 +130,7 @@ for b in "coredns:$COREDNS_BIN/coredns:${COREDNS_VERSION}" "pause:$BIN/pause:3.1
   key=$( { sha256sum < "$file"; cat "$IEX_CLUSTER_ROOT/k8s/cluster/images/binary.Dockerfile"; } | hash_of)
   bud "$name" "localhost/iex-cluster/$name:$tag" "$key" "$bctx" "$IEX_CLUSTER_ROOT/k8s/cluster/images/binary.Dockerfile"
 done
-# Images no tag names any more (a rebuilt service image's predecessor, build stages): their ~7 GB
-# would pile up at every change of services/. The cost: a rebuild reinstalls torch's wheels too.
+# Images no tag names any more and no other image builds on (a rebuilt image's predecessor, and
+# with it the layers only it used); the layer cache of the current images stays.
 bh rmi --prune >/dev/null 2>&1 || true
 log "images ready"
