@@ -200,7 +200,7 @@ cluster-install: tools
 
 # The suite against the running cluster (cluster-up + cluster-install first).
 test-cluster: setup
-	IEX_CLUSTER_SUITE=1 $(PY) -m pytest tests/cluster -p no:cacheprovider
+	IEX_CLUSTER_SUITE=1 $(PY) -m pytest tests/cluster -p no:cacheprovider -rP
 
 cluster-down:
 	bash k8s/cluster/down.sh

@@ -8,4 +8,5 @@ trap 'bash k8s/cluster/down.sh' EXIT
 phase() { local s=$SECONDS rc=0; "${@:2}" || rc=$?; log "$1: $((SECONDS - s)) s (exit $rc)"; return $rc; }
 phase "cluster up" bash k8s/cluster/up.sh
 phase "helm install --wait" bash k8s/cluster/install.sh
-phase "cluster suite" env IEX_CLUSTER_SUITE=1 .venv/bin/python -m pytest tests/cluster -p no:cacheprovider
+# -rP: what each test printed (helm test, the explorations' final states, Prometheus, the upgrade) in the log.
+phase "cluster suite" env IEX_CLUSTER_SUITE=1 .venv/bin/python -m pytest tests/cluster -p no:cacheprovider -rP
