@@ -57,6 +57,11 @@ class Relevance:
         rule = f"image synset under the target's WordNet roots ({len(synsets)} synsets)" if synsets else f"image concept in {sorted(concepts)}"
         return cls(out, rule)
 
+    @property
+    def base_rate(self) -> float | None:
+        """The relevant share of the whole corpus: the yield of fetching images at random."""
+        return sum(self.by_image_id.values()) / len(self.by_image_id) if self.by_image_id else None
+
     def of_url(self, url: str) -> bool | None:
         """The search service serves corpus images at .../images/<id>."""
         path = urlparse(url).path
@@ -404,7 +409,15 @@ def _short(concept: str) -> str:
     return head if head and tail[:1] == "n" and tail[1:].isdigit() else concept
 
 
-def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluation, out: Path, evaluation: Mapping | None = None) -> list[tuple[str, str]]:
+def yield_axis_top(yields: list[float | None], base_rate: float | None) -> float:
+    """The yield axis ends a little above the largest value shown (yields and the base rate), not
+    at 1: yields of a few percent against a base rate of a few percent must be told apart."""
+    values = [v for v in (*yields, base_rate) if v is not None]
+    return min(1.0, max(0.05, 1.25 * max(values, default=0.0)))
+
+
+def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluation, out: Path, evaluation: Mapping | None = None,
+           base_rate: float | None = None) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -422,16 +435,19 @@ def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluati
     yields = [it.yield_ for it in iterations]
     if any(y is not None for y in yields):
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(xs, [np.nan if y is None else y for y in yields], "o-", color="tab:green")
+        ax.plot(xs, [np.nan if y is None else y for y in yields], "o-", color="tab:green", label="yield of the iteration")
         for x, it in zip(xs, iterations):
             if it.yield_ is not None:
                 ax.annotate(f"{it.relevant}/{it.judged}", (x, it.yield_), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-        ax.set_ylim(0, 1)
+        if base_rate is not None:
+            ax.axhline(base_rate, color="tab:gray", linestyle="--", label=f"corpus base rate {base_rate:.1%} (its images drawn uniformly)")
+        ax.set_ylim(0, yield_axis_top(yields, base_rate))
         ax.set_xticks(xs)
         ax.set_xlabel("iteration")
         ax.set_ylabel("relevant share of accepted images")
         ax.set_title("Relevant-image yield (ground truth: WordNet subtree of the target)")
-        save(fig, "yield.png", "Relevant-image yield per iteration")
+        ax.legend(fontsize=8, loc="upper left")
+        save(fig, "yield.png", "Relevant-image yield per iteration, against the corpus base rate")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.boxplot([it.concept_rewards or [np.nan] for it in iterations], positions=xs, widths=0.5)
@@ -490,9 +506,10 @@ def _plots(iterations: list[IterationData], initial: planner_pb2.EncoderEvaluati
         save(fig, "quality.png", "k-NN and linear-probe accuracy per iteration (0 = before any web image)")
 
     if any(it.concept_reward_by_concept for it in iterations):
-        # One panel per iteration: its best concepts. Rewards of different iterations come from
-        # different encoder versions, so each panel ranks within its own iteration.
-        fig, axes = plt.subplots(1, len(iterations), figsize=(max(7, 3.2 * len(iterations)), 3.8), squeeze=False)
+        # One panel per iteration, its best concepts, all on one reward scale, so that panels compare
+        # at a glance; each iteration's rewards come from its own encoder version (the report's
+        # "mean / max concept reward" column shows how the scale itself moves).
+        fig, axes = plt.subplots(1, len(iterations), figsize=(max(7, 3.2 * len(iterations)), 3.8), squeeze=False, sharex=True)
         for ax, it in zip(axes[0], iterations):
             best = sorted(((max(r), c) for c, r in it.concept_reward_by_concept.items()), reverse=True)[:6]
             ax.barh([_short(c)[:22] for _, c in reversed(best)], [r for r, _ in reversed(best)], color="tab:purple")
@@ -561,7 +578,8 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
     out.mkdir(parents=True, exist_ok=True)
     initial = exploration.initial_evaluation
     evaluation = evaluation_numbers(exploration, evaluation_records(store, bucket, exploration))
-    plots = _plots(iterations, initial, out, evaluation) if iterations else []
+    base_rate = relevance.base_rate if relevance is not None else None
+    plots = _plots(iterations, initial, out, evaluation, base_rate) if iterations else []
     try:
         top_now = stub.TopConcepts(planner_pb2.TopConceptsRequest(exploration_id=exploration_id, limit=10))
     except Exception as exc:  # noqa: BLE001 - the report is still useful without the planner's ranking
@@ -590,6 +608,7 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
         "images_per_query": exploration.spec.images_per_query,
         "wall_seconds": _seconds(exploration.updated_at) - _seconds(exploration.created_at),
         "relevance_rule": relevance.rule if relevance else None,
+        "corpus_base_rate": base_rate,
         "totals": {
             **count_numbers(c),
             "relevant": sum(it.relevant for it in iterations),
@@ -633,6 +652,9 @@ def write_report(stub, store: ObjectStore, bucket: str, exploration_id: str, out
     if relevance is not None:
         t = numbers["totals"]
         lines.append(f"- relevance: {relevance.rule}; overall yield {_fmt(t['yield'])} ({t['relevant']}/{t['judged']} distinct images accepted, new or duplicate, counted once per iteration)")
+        if base_rate:
+            lift = f", {t['yield'] / base_rate:.2f}x" if t["yield"] is not None else ""
+            lines.append(f"- corpus base rate (the relevant share of the whole corpus: the yield of its images drawn uniformly): {_fmt(base_rate)}{lift}")
     lines += evaluation_lines(evaluation)
     lines += [
         "",

@@ -179,3 +179,32 @@ def test_report_without_records_or_labels(tmp_path):
         it.ClearField("evaluation")
     path = report.write_report(Stub(ex), Store({}), BUCKET, EXPLORATION, tmp_path / "plain")
     assert "- representation quality: not evaluated (the target has no labelled test split)" in path.read_text()
+
+
+# ---- yield against the corpus base rate (issue: plots whose axis shows the differences) ----------
+
+
+def test_yield_axis_ends_above_the_largest_value_shown_not_at_one():
+    assert report.yield_axis_top([0.08, 0.12, None], 0.06) == pytest.approx(0.15)
+    assert report.yield_axis_top([0.01], 0.004) == 0.05  # never a sliver of an axis
+    assert report.yield_axis_top([0.9], 0.5) == 1.0
+    assert report.yield_axis_top([None], None) == 0.05
+
+
+def test_report_gives_the_corpus_base_rate_and_the_yield_against_it(tmp_path):
+    # A corpus of 8 images, 2 of them under the target's WordNet root: base rate 0.25.
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"img{i}", "synset": "n.dog" if i < 2 else "n.rock"}) for i in range(8)) + "\n")
+    before, after = record(correct(30), correct(30)), record(correct(32), correct(32))
+    decisions = {
+        f"decisions/{EXPLORATION}/raw{i}/q-{i}.json": {"decision": {
+            "iteration": 1, "kind": "DECISION_KIND_UNIQUE", "url": f"http://search/images/img{i}", "object_key": f"images/{i}.png", "query_id": "q"}}
+        for i in (0, 1, 5)  # two relevant of three accepted: yield 2/3
+    }
+    objects = {"evaluations/exp-1/v1.json": before, "evaluations/exp-1/v2.json": after, "targets/t/target.json": {"relevant_synsets": ["n.dog"]}, **decisions}
+    path = report.write_report(Stub(exploration(before, [after])), Store(objects), BUCKET, EXPLORATION, tmp_path / "out", corpus_jsonl=corpus)
+    numbers = json.loads((path.parent / "report.json").read_text())
+    assert numbers["corpus_base_rate"] == pytest.approx(0.25)
+    assert numbers["totals"]["yield"] == pytest.approx(2 / 3)
+    assert "- corpus base rate (the relevant share of the whole corpus: the yield of its images drawn uniformly): 0.250, 2.67x" in path.read_text()
+    assert (path.parent / "yield.png").is_file()
