@@ -20,6 +20,10 @@ synset lies in the target's WordNet subtree, read only to score):
    - `ie-observed`: without the Gaussian process (observed concepts' mean rewards only);
    - `oracle`: the paper's GP fed each query's true relevant share as its concept reward, the
      planner's ceiling: if it is far above `ie`, the reward is the weak half; if not, the planner is.
+   - `hindsight`: no model at all: a plan made knowing every concept's search results and every
+     image's relevance in advance, greedily, each pick the concept that leaves the cumulative yield
+     highest. Not a planner anyone can run: the yield that any plan of this budget could reach on
+     this corpus, so that a goal above it is known to be out of reach rather than missed.
 
 The encoder is never retrained here, so `ie` is the paper's "fixed encoder" ablation; the
 retrained loop is `bench.learning` (small budget, with training) and `bench.exploration` (the
@@ -53,7 +57,7 @@ from services.trainer import evaluation
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
-ARMS = ("random", "ie", "ie-mean", "ie-observed", "oracle", "ie-fresh", "oracle-fresh")
+ARMS = ("random", "ie", "ie-mean", "ie-observed", "oracle", "ie-fresh", "oracle-fresh", "hindsight")
 # arm -> (make_plan mode, scoring, concept reward from image rewards or from the ground truth,
 #         whether concepts already queried are left out of later draws)
 ARM_SPECS = {
@@ -64,6 +68,7 @@ ARM_SPECS = {
     "oracle": ("ie", "optimistic", "truth", False),
     "ie-fresh": ("ie", "optimistic", "reward", True),
     "oracle-fresh": ("ie", "optimistic", "truth", True),
+    "hindsight": ("hindsight", "-", "truth", True),
 }
 MAX_PIXELS = 64_000_000
 
@@ -150,6 +155,60 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
         run.relevant.append(int(relevant[new].sum()))
     best = sorted(((float(np.mean(v)), k) for k, v in rewards.items()), reverse=True)[:8]
     run.top_concepts = [pool.names[pool.index[k]] for _, k in best]
+    return run
+
+
+def all_results(pool: planning.Pool, web: OfflineWeb, images_per_query: int) -> np.ndarray:
+    """Every concept's search results as corpus rows, (concepts, images_per_query), -1 where the
+    search returned fewer: what `hindsight` plans with."""
+    out = np.full((len(pool), images_per_query), -1, dtype=np.int64)
+    for start in range(0, len(pool), 4096):
+        names = [pool.names[i] for i in range(start, min(start + 4096, len(pool)))]
+        for i, found in enumerate(web.search(names, images_per_query)):
+            out[start + i, : len(found)] = found
+    return out
+
+
+def hindsight_round(results: np.ndarray, relevant: np.ndarray, seen: np.ndarray, queried: np.ndarray, queries: int,
+                    totals: tuple[int, int]) -> list[int]:
+    """One round of `queries` picks knowing every answer: each pick is the concept (never queried
+    before) after which relevant-new / new over the whole run is highest; ties go to more relevant
+    images, then to the lower row. A concept whose results are all seen already changes neither
+    count. Updates `seen` and `queried` in place."""
+    rel, tot = totals
+    padded_relevant = np.append(relevant, False)
+    picks = []
+    for _ in range(queries):
+        rows = np.where(results >= 0, results, len(relevant))
+        unseen = ~np.append(seen, True)[rows]
+        new = unseen.sum(1)
+        new_relevant = (unseen & padded_relevant[rows]).sum(1)
+        score = (rel + new_relevant) / np.maximum(1, tot + new)
+        score = np.where(queried, -1.0, score)
+        best = np.flatnonzero(score == score.max())
+        pick = int(best[np.argmax(new_relevant[best])])
+        picks.append(pick)
+        queried[pick] = True
+        found = results[pick][results[pick] >= 0]
+        rel, tot = rel + int(new_relevant[pick]), tot + int(new[pick])
+        seen[found] = True
+    return picks
+
+
+def run_hindsight(seed: int, pool: planning.Pool, results: np.ndarray, relevant: np.ndarray, rounds: int, queries: int) -> Run:
+    seen = np.zeros(len(relevant), dtype=bool)
+    queried = np.zeros(len(pool), dtype=bool)
+    run = Run("hindsight", seed)
+    picked: list[int] = []
+    for _ in range(rounds):
+        before = seen.copy()
+        began = time.perf_counter()
+        picked += hindsight_round(results, relevant, seen, queried, queries, (sum(run.relevant), sum(run.new)))
+        run.plan_seconds += time.perf_counter() - began
+        new = seen & ~before
+        run.new.append(int(new.sum()))
+        run.relevant.append(int((new & relevant).sum()))
+    run.top_concepts = [pool.names[i] for i in picked[:8]]
     return run
 
 
@@ -245,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         corpus[size] = embed_corpus(web, size, device)
         print(f"  corpus embedded at {size} px in {time.perf_counter() - began:.0f} s", flush=True)
     results = []
+    results_of_all = None
     for branch in branches:
         directory = target_sets.target_dir(data_dir, branch)
         target = target_sets.Target.load(directory)
@@ -258,9 +318,16 @@ def main(argv: list[str] | None = None) -> int:
                 serve_rewards = rewards
         print(f"\n== {branch}: {len(train)} train images", flush=True)
         runs = []
+        if "hindsight" in arms and results_of_all is None:
+            began = time.perf_counter()
+            results_of_all = all_results(pool, web, args.images_per_query)
+            print(f"  every concept searched ({len(pool):,}) in {time.perf_counter() - began:.0f} s", flush=True)
         for seed in seeds:
             for arm in arms:
-                run = run_arm(arm, seed, pool, web, serve_rewards, relevant, reward_model, args.rounds, args.queries, args.images_per_query)
+                if arm == "hindsight":  # no randomness: the same plan for every seed
+                    run = run_hindsight(seed, pool, results_of_all, relevant, args.rounds, args.queries)
+                else:
+                    run = run_arm(arm, seed, pool, web, serve_rewards, relevant, reward_model, args.rounds, args.queries, args.images_per_query)
                 runs.append(run)
                 print(f"    {arm:12s} seed {seed}: new {run.new}, relevant {run.relevant} (plans {run.plan_seconds:.0f} s)", flush=True)
         summary = summarise(branch, runs, quality, relevant, args.rounds)

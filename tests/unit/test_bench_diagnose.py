@@ -39,3 +39,23 @@ def test_summary_reports_each_arm_against_random():
     vs = summary["arms"]["ie"]["cumulative_vs_random"]
     assert vs["ratio"] == pytest.approx(np.mean([30, 31, 32]) / 200 / 0.05, abs=1e-3)
     assert "cumulative_vs_random" not in summary["arms"]["random"]
+
+
+def test_hindsight_picks_what_keeps_the_cumulative_yield_highest():
+    relevant = np.array([True, True, True, False, False, False])
+    results = np.array([
+        [0, 3],    # half relevant
+        [1, 2],    # all relevant
+        [4, 5],    # none
+        [0, -1],   # one image, relevant
+        [1, 2],    # the same as row 1: nothing new once row 1 is queried
+    ])
+    seen, queried = np.zeros(6, bool), np.zeros(5, bool)
+    picks = diagnose.hindsight_round(results, relevant, seen, queried, 3, (0, 0))
+    # Row 1 (2/2) first; then row 3 (image 0, relevant: 3/3) ahead of row 4 (nothing new, 2/2 stays);
+    # then row 4, which keeps 3/3, ahead of row 0 (image 3 is irrelevant: 3/4).
+    assert picks == [1, 3, 4]
+    assert seen.tolist() == [True, True, True, False, False, False] and queried.tolist() == [False, True, False, True, True]
+    run = diagnose.run_hindsight(0, type("Pool", (), {"names": list("abcde"), "__len__": lambda self: 5})(), results, relevant, rounds=2, queries=2)
+    # Round 1: rows 1 and 3 (3 new, all relevant); round 2: row 4 (nothing new), then row 0 (3/4) over row 2 (3/5).
+    assert run.new == [3, 1] and run.relevant == [3, 0] and run.top_concepts == ["b", "d", "e", "a"]
