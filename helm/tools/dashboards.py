@@ -528,6 +528,18 @@ def render(uid: str, title: str, panels: list[Panel]) -> dict[str, Any]:
     }
 
 
+# What Grafana puts in for its built-in and the dashboards' own variables, so that a query can be
+# run on Prometheus as Grafana would run it.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "1m", "$namespace": ".*"}
+
+
+def substitute_variables(expr: str) -> str:
+    """`expr` with GRAFANA_VARIABLES filled in."""
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
 def rendered_queries(directory) -> list[tuple[str, str]]:
     """(where, PromQL) of every panel target and query variable of the dashboards rendered in `directory`."""
     from pathlib import Path

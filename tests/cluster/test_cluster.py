@@ -193,15 +193,14 @@ def test_prometheus_scrapes_every_service(cluster):
 # Series that exist only on a GPU (Triton's nv_gpu_*) or once an error of that kind happened
 # (labelled counters of failures, dead letters, skipped images): a clean CPU run has none.
 NO_DATA_EXPECTED = re.compile(r"nv_gpu_|_dead_lettered_|_handler_errors_|_images_skipped_|_model_load_failures_")
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "1m", "$namespace": ".*"}
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(where, PromQL) of every panel target and query variable of the chart's dashboards."""
+def chart_dashboards():
+    """helm/tools/dashboards.py: the chart's own tools, next to the chart."""
     sys.path.insert(0, str(cluster_chart().parents[1] / "helm" / "tools"))
-    import dashboards  # noqa: PLC0415 - the chart's own tools, next to the chart
+    import dashboards  # noqa: PLC0415
 
-    return dashboards.rendered_queries(cluster_chart() / "files" / "dashboards")
+    return dashboards
 
 
 @pytest.mark.order(5)
@@ -210,10 +209,10 @@ def test_every_dashboard_query_returns_data(cluster):
     Prometheus and returns series, but for GPU and error-only families (NO_DATA_EXPECTED)."""
     empty, refused = [], []
     with cluster.port_forward("svc/prometheus", 9090, namespace="iex-monitoring") as port:
-        queries = dashboard_queries()
+        dashboards = chart_dashboards()
+        queries = dashboards.rendered_queries(cluster_chart() / "files" / "dashboards")
         for where, expr in queries:
-            for name, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(name, value)
+            expr = dashboards.substitute_variables(expr)
             try:
                 result = prometheus_query(port, expr)
             except (AssertionError, OSError) as exc:

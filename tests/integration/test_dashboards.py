@@ -35,15 +35,8 @@ from services.common import modelrepo  # noqa: E402
 
 CHART = ROOT / "helm" / "internet-explorer"
 RULES = CHART / "files" / "prometheus" / "rules.yaml"
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "1m", "$namespace": ".*"}
 PROBE_MODEL = "iex_dashboard_probe"
 PROBE_SIZE = 8
-
-
-def substitute(expr: str) -> str:
-    for name, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(name, value)
-    return expr
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -114,7 +107,7 @@ def test_dashboard_queries_use_only_exported_metrics(exposed):
     missing = {}
     used = set()
     for where, expr in dashboard_queries():
-        names = promql_names.metric_names(substitute(expr))
+        names = promql_names.metric_names(dashboards.substitute_variables(expr))
         assert names, f"{where}: no metric in {expr!r}"
         used |= names
         unknown = names - available - set(dashboards.EXTERNAL_METRICS)
@@ -140,7 +133,7 @@ def test_prometheus_of_the_stack_accepts_every_query(stack_env):
     base = stack_env["IEX_PROMETHEUS_URL"].rstrip("/")
     refused = {}
     for where, expr in dashboard_queries() + rule_queries():
-        url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": substitute(expr)})
+        url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": dashboards.substitute_variables(expr)})
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
                 body = json.loads(response.read())
