@@ -176,13 +176,14 @@ def hindsight_round(results: np.ndarray, relevant: np.ndarray, seen: np.ndarray,
     images, then to the lower row. A concept whose results are all seen already changes neither
     count. Updates `seen` and `queried` in place."""
     rel, tot = totals
-    padded_relevant = np.append(relevant, False)
+    # The same for every pick: missing results point at a padding image, seen and not relevant.
+    rows = np.where(results >= 0, results, len(relevant))
+    relevant_at = np.append(relevant, False)[rows]
     picks = []
     for _ in range(queries):
-        rows = np.where(results >= 0, results, len(relevant))
         unseen = ~np.append(seen, True)[rows]
         new = unseen.sum(1)
-        new_relevant = (unseen & padded_relevant[rows]).sum(1)
+        new_relevant = (unseen & relevant_at).sum(1)
         score = (rel + new_relevant) / np.maximum(1, tot + new)
         score = np.where(queried, -1.0, score)
         best = np.flatnonzero(score == score.max())
