@@ -15,6 +15,8 @@ import json, sys
 have = set(sys.argv[1].split())
 print(sum(l["size"] for l in json.load(sys.stdin)["layers"] if l["digest"] not in have))' "$(ctr_ content ls -q 2>/dev/null)"
 }
+# Every name containerd gives the image content with this digest.
+names_of() { [ -n "$1" ] && ctr_ images ls 2>/dev/null | awk -v d="$1" '$3 == d {print $1}' || true; }
 refs=$(bh images --format '{{.Name}}:{{.Tag}}' | grep -E '^(docker\.io/internet-explorer/|localhost/iex-cluster/)' | sort -u)
 [ -n "$refs" ] || die "no images in buildah's storage: run k8s/cluster/build-images.sh (make cluster-images)"
 present=$(ctr_ images ls -q)
@@ -28,10 +30,9 @@ for ref in $refs; do
   # are large: then every tag of the old content goes first, so that containerd drops its blobs and
   # unpacked layers (~14 GB for the service image) before the new ones arrive, instead of holding both.
   old=$(ctr_ images ls 2>/dev/null | awk -v r="$ref" '$1 == r {print $3}' || true)
-  stale_tags() { [ -n "$old" ] && ctr_ images ls 2>/dev/null | awk -v d="$old" '$3 == d {print $1}' || true; }
   to_write=$(missing_bytes "$ref")
   if [ -n "$old" ] && [ "$to_write" -gt $((1024 * 1024 * 1024)) ]; then
-    stale=$(stale_tags)
+    stale=$(names_of "$old")
     log "removing the previous content of $ref from containerd first ($((to_write >> 20)) MB of new layers)"
     ctr_ images rm --sync $stale >/dev/null 2>&1 || true
     old=""
@@ -47,7 +48,7 @@ for ref in $refs; do
   if [ -n "$old" ]; then
     # Every name of the old content ($ref-previous, the trainer and upgrade tags, re-made below);
     # --sync: its blobs that no image names any more are gone when this returns.
-    stale=$(stale_tags | grep -vx "$ref" || true)
+    stale=$(names_of "$old" | grep -vx "$ref" || true)
     [ -z "$stale" ] || ctr_ images rm --sync $stale >/dev/null 2>&1 || true
   fi
   echo "$id" > "$stamp"
