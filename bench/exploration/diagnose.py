@@ -57,19 +57,31 @@ from services.trainer import evaluation
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
-ARMS = ("random", "ie", "ie-mean", "ie-observed", "oracle", "ie-fresh", "oracle-fresh", "hindsight")
+ARMS = ("random", "ie", "ie-paper", "ie-mean", "ie-observed", "oracle", "oracle-paper", "ie-fresh", "oracle-fresh", "hindsight")
 # arm -> (make_plan mode, scoring, concept reward from image rewards or from the ground truth,
 #         whether concepts already queried are left out of later draws)
 ARM_SPECS = {
     "random": ("uniform", "optimistic", "reward", False),
     "ie": ("ie", "optimistic", "reward", False),
+    "ie-paper": ("ie", "optimistic", "reward", False),
     "ie-mean": ("ie", "mean", "reward", False),
     "ie-observed": ("ie", "observed", "reward", False),
     "oracle": ("ie", "optimistic", "truth", False),
+    "oracle-paper": ("ie", "optimistic", "truth", False),
     "ie-fresh": ("ie", "optimistic", "reward", True),
     "oracle-fresh": ("ie", "optimistic", "truth", True),
     "hindsight": ("hindsight", "-", "truth", True),
 }
+# Each arm's random stream. An ablation shares its base arm's stream (common random numbers: the
+# same first, uniform round and the same draws wherever the distributions agree), so that the
+# difference measured is the ablated part's, not the draws'.
+ARM_SEEDS = {"random": (0,), "ie": (1,), "ie-paper": (1,), "ie-mean": (1,), "ie-observed": (1,), "ie-fresh": (1,),
+             "oracle": (4,), "oracle-paper": (4,), "oracle-fresh": (4,), "hindsight": (7,)}
+# Arms run with the project's planner defaults (planning.ModelParams / SamplingParams) unless named
+# here: the `-paper` arms use the paper's length-scale 1 (the project's default is 0.6, gp.py).
+ARM_PARAMS = {"ie-paper": (planning.PAPER_MODEL, planning.SamplingParams()), "oracle-paper": (planning.PAPER_MODEL, planning.SamplingParams())}
+# Each ablation against the arm it ablates, paired by seed (they share their random streams).
+ABLATION_OF = {"ie-paper": "ie", "ie-mean": "ie", "ie-observed": "ie", "ie-fresh": "ie", "oracle-paper": "oracle", "oracle-fresh": "oracle"}
 MAX_PIXELS = 64_000_000
 
 
@@ -131,16 +143,21 @@ class Run:
 
 
 def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_reward: np.ndarray, relevant: np.ndarray,
-            reward_model: planning.RewardModel, rounds: int, queries: int, images_per_query: int) -> Run:
+            reward_model: planning.RewardModel, rounds: int, queries: int, images_per_query: int,
+            params: tuple[planning.ModelParams, planning.SamplingParams] | None = None) -> Run:
+    """`params` overrides the arm's planner parameters (ARM_PARAMS, else the project's defaults)."""
     mode, scoring, source, fresh = ARM_SPECS[arm]
-    rng = np.random.default_rng([seed, ARMS.index(arm)])
+    model_params, sampling_params = params or ARM_PARAMS.get(arm, (planning.ModelParams(), planning.SamplingParams()))
+    # Seeded by the arm's name, not its position in ARMS, so that adding an arm changes no draw.
+    rng = np.random.default_rng([seed, *ARM_SEEDS[arm]])
     rewards: dict[str, list[float]] = {}
     seen: set[int] = set()
     run = Run(arm, seed)
     for _ in range(rounds):
         began = time.perf_counter()
         exclude = planning.queried_rows(pool, rewards) if fresh else None
-        plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring, exclude=exclude)
+        plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring, exclude=exclude,
+                                  model_params=model_params, sampling_params=sampling_params)
         run.plan_seconds += time.perf_counter() - began
         hits = web.search([pool.names[i] for i in plan.picks], images_per_query)
         for row, found in zip(plan.picks, hits):
@@ -240,15 +257,22 @@ def summarise(branch: str, runs: list[Run], quality: dict, relevant: np.ndarray,
             "cumulative_yield_per_seed": [[round(float(v), 4) for v in row] for row in cumulative],
             "round_yield_mean": [round(float(v), 4) for v in per_round.mean(0)],
             "new_images_mean": [round(float(v), 1) for v in np.mean([r.new for r in found], 0)],
+            "relevant_new_images_mean": [round(float(v), 1) for v in np.mean([r.relevant for r in found], 0)],
+            "relevant_found_mean": round(float(np.mean([sum(r.relevant) for r in found])), 1),
             "plan_seconds_mean": round(float(np.mean([r.plan_seconds for r in found])), 1),
             "top_concepts_seed0": found[0].top_concepts,
         }
     random_final = [r.cumulative()[-1] for r in sorted(by_arm.get("random", []), key=lambda r: r.seed)]
+    random_found = [sum(r.relevant) for r in sorted(by_arm.get("random", []), key=lambda r: r.seed)]
     for arm, found in by_arm.items():
         if arm == "random" or not random_final:
             continue
         final = [r.cumulative()[-1] for r in sorted(found, key=lambda r: r.seed)]
         arms[arm]["cumulative_vs_random"] = ratio_interval(final, random_final)
+        # Yield alone rewards asking again what was seen (no new image, no change): how many
+        # relevant images the arm found at all, against random's, says whether it explored.
+        arms[arm]["relevant_found_vs_random"] = ratio_interval([sum(r.relevant) for r in sorted(found, key=lambda r: r.seed)], random_found)
+    ablation_effects(arms)
     return {
         "branch": branch,
         "relevant_web_images": int(relevant.sum()),
@@ -260,13 +284,26 @@ def summarise(branch: str, runs: list[Run], quality: dict, relevant: np.ndarray,
     }
 
 
+def ablation_effects(arms: dict) -> None:
+    """Adds `effect_vs_<base>` to each ablation present with its base arm: cumulative yield after the
+    last round over the base's, with a bootstrap interval over seeds resampled in pairs."""
+    for arm, base in ABLATION_OF.items():
+        if arm in arms and base in arms:
+            finals = [[row[-1] for row in arms[name]["cumulative_yield_per_seed"]] for name in (arm, base)]
+            arms[arm][f"effect_vs_{base}"] = ratio_interval(*finals)
+
+
 def print_summary(summary: dict) -> None:
     print(f"  base rate {summary['base_rate']:.2%} ({summary['relevant_web_images']} relevant of {summary['corpus_images']:,})")
     for size, q in summary["reward_quality"].items():
         print(f"  reward at {size}: AUC {q['roc_auc']:.3f}, precision@relevant {q['precision_at_relevant_count']:.3f}, @100 {q['precision_at_100']:.2f}, @1000 {q['precision_at_1000']:.3f}")
     for arm, a in summary["arms"].items():
         vs = a.get("cumulative_vs_random")
-        versus = f"  vs random {vs['ratio']:.2f}x [{vs['low']:.2f}, {vs['high']:.2f}]" if vs else ""
+        found = a.get("relevant_found_vs_random")
+        versus = f"  vs random {vs['ratio']:.2f}x [{vs['low']:.2f}, {vs['high']:.2f}]; relevant found {a['relevant_found_mean']:.0f} ({found['ratio']:.2f}x)" if vs else ""
+        base = ABLATION_OF.get(arm)
+        effect = a.get(f"effect_vs_{base}")
+        versus += f"; vs {base} {effect['ratio']:.2f}x [{effect['low']:.2f}, {effect['high']:.2f}]" if effect else ""
         print(f"  {arm:12s} cumulative yield {' '.join(f'{v:.3f}' for v in a['cumulative_yield_mean'])}{versus}")
 
 
@@ -280,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,96,128", help="encoder input sizes whose reward quality is measured")
     parser.add_argument("--serve-size", type=int, default=96, help="input size of the rewards the planner arms use (the stack's default)")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--length-scale", type=float, default=None, help="GP length-scale of the arms not named -paper (default: the planner's, 0.6)")
+    parser.add_argument("--tier-masses", default=None, help="tier masses of the arms not named -paper, e.g. 0.95,0.03,0.02 (default: the paper's 0.8,0.1,0.1)")
     parser.add_argument("--vocabulary", choices=("wordnet", "corpus"), default="wordnet")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "exploration-diagnosis.json")
@@ -290,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     if set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}")
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | {args.serve_size})
+    if args.length_scale is not None or args.tier_masses:
+        model, draw = planning.ModelParams(), planning.SamplingParams()
+        if args.length_scale is not None:
+            model = dataclasses.replace(model, length_scale=args.length_scale)
+        if args.tier_masses:
+            draw = dataclasses.replace(draw, masses=tuple(float(m) for m in args.tier_masses.split(",")))
+            if len(draw.masses) != len(draw.tiers) + 1 or abs(sum(draw.masses) - 1) > 1e-6:
+                parser.error(f"--tier-masses: {len(draw.tiers) + 1} shares summing to 1")
+        for arm in ARMS:
+            if not arm.endswith("-paper") and arm not in ("random", "hindsight"):
+                ARM_PARAMS[arm] = (model, draw)
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cpu")
     data_dir = args.data or default_data_dir()
@@ -339,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arm_description(arm: str) -> dict:
+    out = dict(zip(("mode", "scoring", "concept_reward", "fresh_concepts_only"), ARM_SPECS[arm]))
+    if arm not in ("random", "hindsight"):
+        model, draw = ARM_PARAMS.get(arm, (planning.ModelParams(), planning.SamplingParams()))
+        out.update(length_scale=model.length_scale, tier_sizes=list(draw.tiers), tier_masses=list(draw.masses), spread=draw.spread)
+    return out
+
+
 def write(args, seeds: list[int], arms: list[str], sizes: list[int], results: list[dict], started: float, complete: bool) -> None:
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -347,7 +405,7 @@ def write(args, seeds: list[int], arms: list[str], sizes: list[int], results: li
         "wall_seconds": round(time.perf_counter() - started),
         "budget": {"rounds": args.rounds, "queries_per_round": args.queries, "images_per_query": args.images_per_query, "seeds": seeds, "vocabulary": args.vocabulary},
         "encoder": {"init": "efficientnet-lite0 (ImageNet), never retrained", "reward": "mean cosine to the k=15 nearest target train images", "sizes": sizes, "serve_size": args.serve_size},
-        "arms": {arm: dict(zip(("mode", "scoring", "concept_reward", "fresh_concepts_only"), ARM_SPECS[arm])) for arm in arms},
+        "arms": {arm: arm_description(arm) for arm in arms},
         "targets": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ def _parse(raw: str, kind: Any, var: str) -> Any:
     if kind is str:
         return raw
     if typing.get_origin(kind) is tuple:
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        element = typing.get_args(kind)[0] if typing.get_args(kind) else str
+        return tuple(_parse(part, element, var) if element is not str else part.strip() for part in raw.split(",") if part.strip())
     raise SettingsError(f"{var}: unsupported setting type {kind!r}")
 
 

@@ -48,12 +48,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    length_scale: float = 1.0
+    length_scale: float = gp.PROJECT_LENGTH_SCALE
     noise: float = 0.1
     rank: int = 512
     exact_max: int = 0  # 0: CPU_EXACT_MAX on a CPU, CUDA_EXACT_MAX on CUDA
     normalize: bool = True
     blocks: bool = True  # PIC with the pool's blocks (WordNet synsets) when it has them, else FIC
+
+
+PAPER_MODEL = ModelParams(length_scale=gp.PAPER_LENGTH_SCALE)
 
 
 @dataclass

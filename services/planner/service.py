@@ -31,9 +31,9 @@ from services.common.kafka import EventContext, Handler, now_timestamp
 from services.common.objectstore import parse_s3_uri
 from services.common.rewards import concept_reward
 from services.common.service import Service
-from services.common.settings import ServiceSettings, setting
+from services.common.settings import ServiceSettings, SettingsError, setting
 from services.planner import descriptors as descriptor_sources
-from services.planner import distributions, planning
+from services.planner import distributions, gp, planning, sampling
 from services.planner.state import ACCEPTED, TERMINAL, ExplorationRecord, IterationState, QueryState, candidate_digest, decision_id, sum_counts
 from services.planner.validation import InvalidField, SpecDefaults, check_exploration_id, normalise_spec
 from services.planner.vocabulary import CUSTOM, WORDNET, EmbeddingCache, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
@@ -70,6 +70,13 @@ class PlannerSettings(ServiceSettings):
     planner_default_descriptors: str = setting("none", help="descriptor source when a request leaves spec.descriptors empty", choices=descriptor_sources.SOURCES)
     planner_vocabulary_cache_dir: str = setting("", help="local cache of vocabulary embeddings; empty: $XDG_CACHE_HOME (or ~/.cache)/iex/vocabularies")
     planner_preload_vocabulary: bool = setting(False, help="load (or build) the default vocabulary's embeddings at start instead of on first use")
+    planner_tier_masses: tuple[float, ...] = setting(
+        sampling.PAPER_MASSES,
+        help="probability shares of the 250 best concepts, the next 750 and the rest, when a request leaves spec.sampling.tier_masses empty (the paper's 0.8,0.1,0.1)",
+    )
+    planner_gp_length_scale: float = setting(
+        gp.PROJECT_LENGTH_SCALE, help="RBF length-scale of the GP when a request leaves spec.reward_model.length_scale at 0 (paper: 1.0)", minimum=0.01, maximum=100.0
+    )
     planner_gp_noise: float = setting(0.1, help="GP observation noise variance on standardised rewards, when a request leaves it at 0", minimum=1e-6)
     planner_gp_rank: int = setting(512, help="rank of the vocabulary kernel factor the approximate GP uses", minimum=16, maximum=8192)
     planner_gp_exact_max: int = setting(
@@ -86,6 +93,11 @@ class PlannerSettings(ServiceSettings):
     planner_llm_api_key: str = setting("", help="bearer token for the LLM endpoint", secret=True)
     planner_llm_timeout_s: float = setting(10.0, help="seconds to wait for one LLM completion request", minimum=0.1)
     planner_distribution_rows: int = setting(10_000, help="rows of each iteration's distribution stored with their concept names (TopConcepts reads them)", minimum=1)
+
+    def __post_init__(self) -> None:
+        masses = self.planner_tier_masses
+        if len(masses) != len(sampling.PAPER_TIERS) + 1 or any(not 0 <= m <= 1 for m in masses) or abs(sum(masses) - 1.0) > 1e-6:
+            raise SettingsError(f"IEX_PLANNER_TIER_MASSES: {len(sampling.PAPER_TIERS) + 1} shares between 0 and 1 that sum to 1, got {','.join(map(str, masses))}")
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -207,6 +219,8 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             descriptors=settings.planner_default_descriptors,
             llm_configured=bool(settings.planner_llm_url),
             spread=settings.planner_spread,
+            tier_masses=settings.planner_tier_masses,
+            gp_length_scale=settings.planner_gp_length_scale,
             gp_noise=settings.planner_gp_noise,
             gp_rank=settings.planner_gp_rank,
             gp_exact_max=settings.planner_gp_exact_max,

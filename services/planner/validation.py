@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from iex.v1 import common_pb2, planner_pb2
-from services.planner import sampling
+from services.planner import gp, sampling
 from services.planner.descriptors import LLM, SOURCES as DESCRIPTOR_SOURCES
 from services.planner.vocabulary import CUSTOM, WORDNET
 
@@ -41,6 +41,8 @@ class SpecDefaults:
     descriptors: str = "none"
     llm_configured: bool = False
     spread: float = sampling.PAPER_SPREAD
+    tier_masses: tuple[float, ...] = sampling.PAPER_MASSES
+    gp_length_scale: float = gp.PROJECT_LENGTH_SCALE
     gp_noise: float = 0.1
     gp_rank: int = 512
     gp_exact_max: int = 0
@@ -172,7 +174,7 @@ def _normalise_sampling(out: planner_pb2.ExplorationSpec, defaults: SpecDefaults
         raise InvalidField("spec.sampling.spread", f"must be in (0, 100], got {s.spread}")
     if not s.tier_sizes and not s.tier_masses:
         s.tier_sizes.extend(sampling.PAPER_TIERS)
-        s.tier_masses.extend(sampling.PAPER_MASSES)
+        s.tier_masses.extend(defaults.tier_masses)
     elif not s.tier_sizes:
         if len(s.tier_masses) != len(sampling.PAPER_TIERS) + 1:
             raise InvalidField("spec.sampling.tier_masses", f"without tier_sizes, needs {len(sampling.PAPER_TIERS) + 1} entries (tiers {list(sampling.PAPER_TIERS)})")
@@ -206,7 +208,7 @@ def _normalise_sampling(out: planner_pb2.ExplorationSpec, defaults: SpecDefaults
 def _normalise_reward_model(out: planner_pb2.ExplorationSpec, defaults: SpecDefaults) -> None:
     r = out.reward_model
     if r.length_scale == 0:
-        r.length_scale = 1.0
+        r.length_scale = defaults.gp_length_scale
     if not 0.01 <= r.length_scale <= 100:
         raise InvalidField("spec.reward_model.length_scale", f"must be between 0.01 and 100, got {r.length_scale}")
     if r.noise == 0:

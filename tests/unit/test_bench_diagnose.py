@@ -41,6 +41,26 @@ def test_summary_reports_each_arm_against_random():
     assert "cumulative_vs_random" not in summary["arms"]["random"]
 
 
+def test_summary_counts_relevant_images_found_and_each_ablations_paired_effect():
+    runs = [diagnose.Run("random", s, [100, 100], [5, 5]) for s in range(3)]
+    runs += [diagnose.Run("ie", s, [100, 50], [10, 20]) for s in range(3)]
+    runs += [diagnose.Run("ie-paper", s, [100, 100], [10, 10]) for s in range(3)]
+    arms = diagnose.summarise("animals", runs, {}, np.array([True, False]), rounds=2)["arms"]
+    # ie's yield is 2x the paper's arm with the same 30 relevant images: found as many, asked fewer new.
+    assert arms["ie"]["relevant_found_mean"] == 30 and arms["ie"]["relevant_found_vs_random"]["ratio"] == pytest.approx(3.0)
+    effect = arms["ie-paper"]["effect_vs_ie"]
+    assert effect["ratio"] == pytest.approx(0.1 / 0.2) and effect["low"] == effect["high"] == effect["ratio"]
+    assert "effect_vs_ie" not in arms["ie"] and "effect_vs_ie" not in arms["random"]
+
+
+def test_an_ablation_shares_its_base_arms_draws_and_differs_only_in_its_parameters():
+    assert all(diagnose.ARM_SEEDS[arm] == diagnose.ARM_SEEDS[base] for arm, base in diagnose.ABLATION_OF.items())
+    assert set(diagnose.ARM_SEEDS) == set(diagnose.ARMS) == set(diagnose.ARM_SPECS)
+    paper_model, _ = diagnose.ARM_PARAMS["ie-paper"]
+    assert paper_model.length_scale == 1.0 and diagnose.arm_description("ie")["length_scale"] == 0.6
+    assert diagnose.arm_description("ie-paper")["tier_masses"] == diagnose.arm_description("ie")["tier_masses"] == [0.8, 0.1, 0.1]
+
+
 def test_hindsight_picks_what_keeps_the_cumulative_yield_highest():
     relevant = np.array([True, True, True, False, False, False])
     results = np.array([

@@ -180,3 +180,15 @@ def test_pic_is_closer_to_the_exact_gp_than_fic_when_blocks_hold_near_duplicates
     pic = gp.feature_posterior(features, obs, noise=0.1, blocks=blocks, embeddings=X)
     fic = gp.feature_posterior(features, obs, noise=0.1)
     assert rms(pic) < 0.8 * rms(fic)
+
+
+@pytest.mark.parametrize("noise, length_scale", [(0.1, 1.0), (0.1, 0.6), (0.3, 0.4)])
+def test_log_marginal_likelihood_equals_scikit_learn_on_standardised_rewards(noise, length_scale):
+    X, by_index = random_problem(seed=7, repeats=False)
+    obs = gp.Observations.from_rewards(by_index)
+    y = (obs.mean - obs.mean.mean()) / obs.mean.std()
+    reference = GaussianProcessRegressor(kernel=RBF(length_scale), alpha=noise, optimizer=None, normalize_y=False).fit(X[obs.index], y)
+    ours = gp.log_marginal_likelihood(X, obs, length_scale=length_scale, noise=noise)
+    assert ours == pytest.approx(reference.log_marginal_likelihood_value_, rel=1e-9, abs=1e-6)
+    # A smooth function of the inputs: the evidence prefers a length-scale near its own over a far shorter one.
+    assert gp.log_marginal_likelihood(X, obs, length_scale=1.0, noise=0.1) > gp.log_marginal_likelihood(X, obs, length_scale=0.05, noise=0.1)

@@ -130,13 +130,18 @@ def test_inits_the_trainer_knows_are_accepted_with_their_architecture():
     assert normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS).backbone == DEFAULTS.backbone
 
 
-def test_defaults_are_the_papers_sampling_and_model():
+def test_defaults_are_the_papers_sampling_and_model_but_for_the_measured_length_scale():
     spec = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), DEFAULTS)
     assert spec.vocabulary == "custom" and spec.descriptors == "none"
     assert spec.sampling.spread == 3.0 and list(spec.sampling.tier_sizes) == [250, 750]
     assert list(spec.sampling.tier_masses) == pytest.approx([0.8, 0.1, 0.1])
     assert spec.sampling.label_fraction == 0.5 and spec.sampling.prune_fraction == pytest.approx(0.1)
-    assert spec.reward_model.length_scale == 1.0 and spec.reward_model.noise == pytest.approx(0.1) and spec.reward_model.rank == 512
+    assert spec.reward_model.length_scale == pytest.approx(0.6) and spec.reward_model.noise == pytest.approx(0.1) and spec.reward_model.rank == 512
+    # The paper's values, asked for, are kept; a planner configured with them makes them the default.
+    paper = planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], reward_model=planner_pb2.RewardModelSpec(length_scale=1.0))
+    assert normalise_spec(paper, DEFAULTS).reward_model.length_scale == 1.0
+    configured = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"]), dataclasses.replace(DEFAULTS, tier_masses=(0.95, 0.03, 0.02), gp_length_scale=1.0))
+    assert list(configured.sampling.tier_masses) == pytest.approx([0.95, 0.03, 0.02]) and configured.reward_model.length_scale == 1.0
     # An explicit zero label fraction is kept (proto3 optional), unlike the 0-means-default fields.
     zero = normalise_spec(planner_pb2.ExplorationSpec(target_uri="s3://iex/t", concepts=["a"], sampling=planner_pb2.SamplingSpec(label_fraction=0.0)), DEFAULTS)
     assert zero.sampling.label_fraction == 0.0

@@ -59,3 +59,16 @@ def test_local_ports_stay_below_the_kernels_ephemeral_range_for_every_offset_the
         assert len(ports) >= 16 and len(set(ports)) == len(ports), (offset, ports)
         inside = [p for p in ports if p in endpoints.LINUX_EPHEMERAL_PORTS]
         assert not inside, f"IEX_PORT_OFFSET={offset}: {inside} inside the ephemeral range"
+
+
+def test_the_planners_length_scale_and_tier_masses_are_settings_and_wrong_masses_name_the_variable():
+    from services.planner.service import PlannerSettings
+
+    project = settings.load_service_settings(PlannerSettings, "planner", environ={})
+    assert project.planner_tier_masses == (0.8, 0.1, 0.1) and project.planner_gp_length_scale == 0.6
+    other = settings.load_service_settings(PlannerSettings, "planner", environ={"IEX_PLANNER_TIER_MASSES": "0.95, 0.03,0.02", "IEX_PLANNER_GP_LENGTH_SCALE": "1"})
+    assert other.planner_tier_masses == (0.95, 0.03, 0.02) and other.planner_gp_length_scale == 1.0
+    for wrong in ("0.8,0.1", "0.8,0.1,0.2", "0.8,x,0.1", "1.2,-0.1,-0.1"):
+        with pytest.raises(SettingsError) as info:
+            settings.load_service_settings(PlannerSettings, "planner", environ={"IEX_PLANNER_TIER_MASSES": wrong})
+        assert "IEX_PLANNER_TIER_MASSES" in str(info.value)

@@ -199,7 +199,9 @@ class RewardModelSpec(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     EXACT_MAX_FIELD_NUMBER: _builtins.int
     length_scale: _builtins.float
-    """RBF length-scale over unit-length MiniLM embeddings; 0 means 1 (the paper)."""
+    """RBF length-scale over unit-length MiniLM embeddings; 0 means the planner's default (0.6, the
+    marginal-likelihood fit measured in docs/planner.md; the paper's is 1).
+    """
     noise: _builtins.float
     """Observation noise variance, on standardised rewards; 0 means the planner's default."""
     rank: _builtins.int
