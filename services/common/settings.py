@@ -67,7 +67,7 @@ def _parse(raw: str, kind: Any, var: str) -> Any:
         return raw
     if typing.get_origin(kind) is tuple:
         element = typing.get_args(kind)[0] if typing.get_args(kind) else str
-        return tuple(_parse(part, element, var) if element is not str else part.strip() for part in raw.split(",") if part.strip())
+        return tuple(_parse(part.strip(), element, var) for part in raw.split(",") if part.strip())
     raise SettingsError(f"{var}: unsupported setting type {kind!r}")
 
 
