@@ -33,10 +33,11 @@ import torch
 
 DEFAULT_CHUNK = 16384
 PAPER_LENGTH_SCALE = 1.0
-# The project's default: the RBF length-scale that maximises the marginal likelihood of the concept
-# rewards on every target measured (0.5-0.6 at 256 and 1,024 observations, ~0.6 most often;
-# bench/README.md, "The project's planner defaults"). At 1.0 unrelated MiniLM concepts correlate at
-# 0.4-0.5, so one reward moves the whole vocabulary.
+# The project's default. The marginal likelihood of the concept rewards peaks at 0.5 (13 cases) or
+# 0.6 (7) of 20 (5 targets, 256 and 1,024 observations, encoder rewards and ground truth); 0.6 lies
+# 0-14 log units below the best, 1.0 lies 23-374 below (bench/results/exploration-length-scale.json,
+# bench/README.md "The project's length-scale (0.6)"). 0.6 is the value run through the planner.
+# At 1.0 unrelated MiniLM concepts correlate at 0.4-0.5, so one reward moves the whole vocabulary.
 PROJECT_LENGTH_SCALE = 0.6
 
 
