@@ -128,6 +128,16 @@ def prior(n_candidates: int, obs: Observations | None = None, normalize: bool = 
     return Posterior(np.full(n_candidates, offset, np.float32), np.full(n_candidates, scale, np.float32), "prior")
 
 
+def _fit(Xo: torch.Tensor, obs: Observations, y: np.ndarray, length_scale: float, noise: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n x n system of the observed concepts, in float64: Cholesky factor L of K + noise / count,
+    the standardised rewards y and alpha = (K + noise / count)^-1 y."""
+    K = rbf(Xo, Xo, length_scale)
+    K.diagonal().add_(torch.as_tensor(noise / obs.count, dtype=torch.float64, device=Xo.device))
+    L = cholesky(K)
+    yt = torch.as_tensor(y, dtype=torch.float64, device=Xo.device)
+    return L, yt, torch.cholesky_solve(yt[:, None], L)[:, 0]
+
+
 def exact_posterior(
     candidates: np.ndarray | torch.Tensor,
     obs: Observations,
@@ -151,10 +161,7 @@ def exact_posterior(
     y, offset, scale = _standardise(obs, normalize)
     idx = torch.as_tensor(obs.index, device=device)
     Xo = X[idx].to(torch.float64)
-    K = rbf(Xo, Xo, length_scale)
-    K.diagonal().add_(torch.as_tensor(noise / obs.count, dtype=torch.float64, device=device))
-    L = cholesky(K)
-    alpha = torch.cholesky_solve(torch.as_tensor(y, device=device)[:, None], L)[:, 0]
+    L, _, alpha = _fit(Xo, obs, y, length_scale, noise)
     # A candidate's variance is k(x, x) - |L^-1 k(X, x)|^2; multiplying by L^-1 (one triangular
     # inversion) is much faster than a triangular solve per chunk on CPU.
     L_inv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=torch.float64, device=device), upper=False).to(dtype)
@@ -190,11 +197,7 @@ def log_marginal_likelihood(
         return 0.0
     y, _, _ = _standardise(obs, normalize)
     Xo = torch.as_tensor(np.asarray(candidates)[obs.index], dtype=torch.float64)
-    K = rbf(Xo, Xo, length_scale)
-    K.diagonal().add_(torch.as_tensor(noise / obs.count, dtype=torch.float64))
-    L = cholesky(K)
-    yt = torch.as_tensor(y, dtype=torch.float64)
-    alpha = torch.cholesky_solve(yt[:, None], L)[:, 0]
+    L, yt, alpha = _fit(Xo, obs, y, length_scale, noise)
     return float(-0.5 * (yt @ alpha) - torch.log(torch.diagonal(L)).sum() - 0.5 * len(y) * math.log(2 * math.pi))
 
 
