@@ -51,7 +51,7 @@ from services.common.images import square_pixels
 from services.common.rewards import concept_reward
 from services.offlineweb import targets as target_sets
 from services.offlineweb.build import default_data_dir
-from services.planner import planning
+from services.planner import planning, sampling
 from services.scorer.rewards import knn_rewards
 from services.trainer import evaluation
 
@@ -77,8 +77,10 @@ ARM_SPECS = {
 # difference measured is the ablated part's, not the draws'.
 ARM_SEEDS = {"random": (0,), "ie": (1,), "ie-paper": (1,), "ie-mean": (1,), "ie-observed": (1,), "ie-fresh": (1,),
              "oracle": (4,), "oracle-paper": (4,), "oracle-fresh": (4,), "hindsight": (7,)}
-# Arms run with the project's planner defaults (planning.ModelParams / SamplingParams) unless named
-# here: the `-paper` arms use the paper's length-scale 1 (the project's default is 0.6, gp.py).
+# The planner parameters of the arms that plan: the project's defaults (planning.ModelParams /
+# SamplingParams; `--length-scale` and `--tier-masses` replace them), except the `-paper` arms, which
+# keep the paper's length-scale 1 (the project's default is 0.6, gp.py).
+PROJECT_PARAMS = (planning.ModelParams(), planning.SamplingParams())
 ARM_PARAMS = {"ie-paper": (planning.PAPER_MODEL, planning.SamplingParams()), "oracle-paper": (planning.PAPER_MODEL, planning.SamplingParams())}
 # Each ablation against the arm it ablates, paired by seed (they share their random streams).
 ABLATION_OF = {"ie-paper": "ie", "ie-mean": "ie", "ie-observed": "ie", "ie-fresh": "ie", "oracle-paper": "oracle", "oracle-fresh": "oracle"}
@@ -145,9 +147,9 @@ class Run:
 def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_reward: np.ndarray, relevant: np.ndarray,
             reward_model: planning.RewardModel, rounds: int, queries: int, images_per_query: int,
             params: tuple[planning.ModelParams, planning.SamplingParams] | None = None) -> Run:
-    """`params` overrides the arm's planner parameters (ARM_PARAMS, else the project's defaults)."""
+    """`params` overrides the arm's planner parameters (`arm_params`)."""
     mode, scoring, source, fresh = ARM_SPECS[arm]
-    model_params, sampling_params = params or ARM_PARAMS.get(arm, (planning.ModelParams(), planning.SamplingParams()))
+    model_params, sampling_params = params or arm_params(arm)
     # Seeded by the arm's name, not its position in ARMS, so that adding an arm changes no draw.
     rng = np.random.default_rng([seed, *ARM_SEEDS[arm]])
     rewards: dict[str, list[float]] = {}
@@ -161,11 +163,7 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
         run.plan_seconds += time.perf_counter() - began
         hits = web.search([pool.names[i] for i in plan.picks], images_per_query)
         for row, found in zip(plan.picks, hits):
-            if source == "truth":
-                value = float(relevant[found].mean()) if found else 0.0
-            else:
-                value = concept_reward(image_reward[r] for r in found) if found else 0.0
-            rewards.setdefault(pool.keys[row], []).append(value)
+            rewards.setdefault(pool.keys[row], []).append(concept_value(found, source, image_reward, relevant))
         new = sorted({r for found in hits for r in found} - seen)
         seen.update(new)
         run.new.append(len(new))
@@ -173,6 +171,14 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
     best = sorted(((float(np.mean(v)), k) for k, v in rewards.items()), reverse=True)[:8]
     run.top_concepts = [pool.names[pool.index[k]] for _, k in best]
     return run
+
+
+def concept_value(found: list[int], source: str, image_reward: np.ndarray, relevant: np.ndarray) -> float:
+    """A query's concept reward from its results (corpus rows): the scorer's rule over the image
+    rewards ("reward"), or the true relevant share ("truth"); 0 for a query that found nothing."""
+    if not found:
+        return 0.0
+    return float(relevant[found].mean()) if source == "truth" else concept_reward(image_reward[r] for r in found)
 
 
 def all_results(pool: planning.Pool, web: OfflineWeb, images_per_query: int) -> np.ndarray:
@@ -248,6 +254,8 @@ def summarise(branch: str, runs: list[Run], quality: dict, relevant: np.ndarray,
     by_arm: dict[str, list[Run]] = {}
     for run in runs:
         by_arm.setdefault(run.arm, []).append(run)
+    # Seed order everywhere: per-seed rows, seed 0's concepts, and the pairs of every interval.
+    by_arm = {arm: sorted(found, key=lambda r: r.seed) for arm, found in by_arm.items()}
     arms = {}
     for arm, found in by_arm.items():
         cumulative = np.array([r.cumulative() for r in found])
@@ -262,16 +270,15 @@ def summarise(branch: str, runs: list[Run], quality: dict, relevant: np.ndarray,
             "plan_seconds_mean": round(float(np.mean([r.plan_seconds for r in found])), 1),
             "top_concepts_seed0": found[0].top_concepts,
         }
-    random_final = [r.cumulative()[-1] for r in sorted(by_arm.get("random", []), key=lambda r: r.seed)]
-    random_found = [sum(r.relevant) for r in sorted(by_arm.get("random", []), key=lambda r: r.seed)]
+    random_final = [r.cumulative()[-1] for r in by_arm.get("random", [])]
+    random_found = [sum(r.relevant) for r in by_arm.get("random", [])]
     for arm, found in by_arm.items():
         if arm == "random" or not random_final:
             continue
-        final = [r.cumulative()[-1] for r in sorted(found, key=lambda r: r.seed)]
-        arms[arm]["cumulative_vs_random"] = ratio_interval(final, random_final)
+        arms[arm]["cumulative_vs_random"] = ratio_interval([r.cumulative()[-1] for r in found], random_final)
         # Yield alone rewards asking again what was seen (no new image, no change): how many
         # relevant images the arm found at all, against random's, says whether it explored.
-        arms[arm]["relevant_found_vs_random"] = ratio_interval([sum(r.relevant) for r in sorted(found, key=lambda r: r.seed)], random_found)
+        arms[arm]["relevant_found_vs_random"] = ratio_interval([sum(r.relevant) for r in found], random_found)
     ablation_effects(arms)
     return {
         "branch": branch,
@@ -329,17 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     if set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}")
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | {args.serve_size})
-    if args.length_scale is not None or args.tier_masses:
-        model, draw = planning.ModelParams(), planning.SamplingParams()
-        if args.length_scale is not None:
-            model = dataclasses.replace(model, length_scale=args.length_scale)
-        if args.tier_masses:
-            draw = dataclasses.replace(draw, masses=tuple(float(m) for m in args.tier_masses.split(",")))
-            if len(draw.masses) != len(draw.tiers) + 1 or abs(sum(draw.masses) - 1) > 1e-6:
-                parser.error(f"--tier-masses: {len(draw.tiers) + 1} shares summing to 1")
-        for arm in ARMS:
-            if not arm.endswith("-paper") and arm not in ("random", "hindsight"):
-                ARM_PARAMS[arm] = (model, draw)
+    global PROJECT_PARAMS
+    model, draw = PROJECT_PARAMS
+    if args.length_scale is not None:
+        model = dataclasses.replace(model, length_scale=args.length_scale)
+    if args.tier_masses:
+        draw = dataclasses.replace(draw, masses=tuple(float(m) for m in args.tier_masses.split(",")))
+        problem = sampling.masses_problem(draw.masses, draw.tiers)
+        if problem:
+            parser.error(f"--tier-masses: {problem}")
+    PROJECT_PARAMS = (model, draw)
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cpu")
     data_dir = args.data or default_data_dir()
@@ -389,10 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arm_params(arm: str) -> tuple[planning.ModelParams, planning.SamplingParams]:
+    return ARM_PARAMS.get(arm, PROJECT_PARAMS)
+
+
 def arm_description(arm: str) -> dict:
     out = dict(zip(("mode", "scoring", "concept_reward", "fresh_concepts_only"), ARM_SPECS[arm]))
-    if arm not in ("random", "hindsight"):
-        model, draw = ARM_PARAMS.get(arm, (planning.ModelParams(), planning.SamplingParams()))
+    if arm not in ("random", "hindsight"):  # uniform draws, or no model: no planner parameters
+        model, draw = arm_params(arm)
         out.update(length_scale=model.length_scale, tier_sizes=list(draw.tiers), tier_masses=list(draw.masses), spread=draw.spread)
     return out
 

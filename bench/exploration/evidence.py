@@ -25,9 +25,8 @@ import time
 import numpy as np
 import torch
 
-from bench.exploration.diagnose import RESULTS, embed_corpus, embed_paths
+from bench.exploration.diagnose import RESULTS, concept_value, embed_corpus, embed_paths
 from bench.learning.__main__ import OfflineWeb, machine, vocabulary_pool
-from services.common.rewards import concept_reward
 from services.offlineweb import targets as target_sets
 from services.offlineweb.build import default_data_dir
 from services.planner import gp
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             chosen = answered[:n]
             for source in ("reward", "truth"):
-                values = {i: (concept_reward(image_reward[r] for r in found) if source == "reward" else float(relevant[found].mean())) for i, found in chosen}
+                values = {i: concept_value(found, source, image_reward, relevant) for i, found in chosen}
                 grid = evidence(embeddings, values)
                 row[f"{source}_{n}"] = {**summary(grid), "grid": grid}
                 best = row[f"{source}_{n}"]["best"]

@@ -17,6 +17,14 @@ PAPER_TIERS = (250, 750)
 PAPER_MASSES = (0.8, 0.1, 0.1)
 
 
+def masses_problem(masses: Sequence[float], tiers: Sequence[int] = PAPER_TIERS) -> str | None:
+    """What is wrong with `masses` as the shares of `tiers` (one more than the tiers, each in [0, 1],
+    summing to 1), or None."""
+    if len(masses) != len(tiers) + 1 or any(not 0 <= m <= 1 for m in masses) or abs(sum(masses) - 1.0) > 1e-6:
+        return f"{len(tiers) + 1} shares between 0 and 1 that sum to 1, got {','.join(map(str, masses))}"
+    return None
+
+
 def temperature(scores: np.ndarray, spread: float = PAPER_SPREAD) -> float:
     span = float(np.max(scores) - np.min(scores)) if scores.size else 0.0
     return span / spread if span > 0 else 1.0

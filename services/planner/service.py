@@ -95,9 +95,9 @@ class PlannerSettings(ServiceSettings):
     planner_distribution_rows: int = setting(10_000, help="rows of each iteration's distribution stored with their concept names (TopConcepts reads them)", minimum=1)
 
     def __post_init__(self) -> None:
-        masses = self.planner_tier_masses
-        if len(masses) != len(sampling.PAPER_TIERS) + 1 or any(not 0 <= m <= 1 for m in masses) or abs(sum(masses) - 1.0) > 1e-6:
-            raise SettingsError(f"IEX_PLANNER_TIER_MASSES: {len(sampling.PAPER_TIERS) + 1} shares between 0 and 1 that sum to 1, got {','.join(map(str, masses))}")
+        problem = sampling.masses_problem(self.planner_tier_masses)
+        if problem:
+            raise SettingsError(f"IEX_PLANNER_TIER_MASSES: {problem}")
 
 
 def _ts(seconds: float) -> Timestamp:
