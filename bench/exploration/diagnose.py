@@ -15,11 +15,21 @@ synset lies in the target's WordNet subtree, read only to score):
    `images-per-query` results, over several seeds, yield = relevant share of the new images
    (not collected before by the same run), per round and cumulatively:
    - `random`: concepts drawn uniformly from the vocabulary (the paper's baseline);
-   - `ie`: the paper's GP (mu + sigma), concept reward = mean of the top-10 image rewards;
+   - `ie`: the planner with the project's defaults: the GP (mu + sigma, length-scale 0.6) over the
+     embeddings of the concepts' names, the paper's tiered draw over the concepts whose query was
+     not asked before; concept reward = mean of the top-10 image rewards;
+   - `ie-paper`: the paper's planner (the GP over the definition texts, length-scale 1, every
+     concept may be drawn again);
+   - `ie-definition`: `ie` with the GP over the paper's definition texts;
+   - `ie-repeats`: `ie` whose draw may pick concepts already asked (the paper's draw);
    - `ie-mean`: without the uncertainty term (mu only);
    - `ie-observed`: without the Gaussian process (observed concepts' mean rewards only);
-   - `oracle`: the paper's GP fed each query's true relevant share as its concept reward, the
-     planner's ceiling: if it is far above `ie`, the reward is the weak half; if not, the planner is.
+   - `ie-descriptors`: `ie` whose queries are "descriptor concept" with the planner's offline
+     `wordnet` descriptor source (the paper's "Ours++"; a concept asked again gets another
+     adjective, so another answer from the deterministic search: no concept is left out);
+   - `oracle`: `ie` fed each query's true relevant share as its concept reward, the planner's
+     ceiling: if it is far above `ie`, the reward is the weak half; if not, the planner is;
+     `oracle-paper` the same with the paper's planner.
    - `hindsight`: no model at all: a plan made knowing every concept's search results and every
      image's relevance in advance, greedily, each pick the concept that leaves the cumulative yield
      highest. Not a planner anyone can run: the yield that any plan of this budget could reach on
@@ -52,38 +62,47 @@ from services.common.rewards import concept_reward
 from services.offlineweb import targets as target_sets
 from services.offlineweb.build import default_data_dir
 from services.planner import planning, sampling
+from services.planner.vocabulary import PAPER_CONCEPT_TEXT, PROJECT_CONCEPT_TEXT, CONCEPT_TEXTS
+from services.planner.descriptors import NONE, WORDNET, DescriptorSource, NoDescriptors, WordNetDescriptors, query_text
 from services.scorer.rewards import knn_rewards
 from services.trainer import evaluation
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
-ARMS = ("random", "ie", "ie-paper", "ie-mean", "ie-observed", "oracle", "oracle-paper", "ie-fresh", "oracle-fresh", "hindsight")
+ARMS = ("random", "ie", "ie-paper", "ie-definition", "ie-repeats", "ie-mean", "ie-observed", "ie-descriptors", "oracle", "oracle-paper", "hindsight")
 # arm -> (make_plan mode, scoring, concept reward from image rewards or from the ground truth,
-#         whether concepts already queried are left out of later draws)
+#         whether concepts already queried are left out of later draws, descriptor source).
+# `ie` is the project's planner (fresh concepts, the GP over the names, length-scale 0.6);
+# `ie-paper` the paper's (every concept may be drawn again, the definition texts, length-scale 1).
 ARM_SPECS = {
-    "random": ("uniform", "optimistic", "reward", False),
-    "ie": ("ie", "optimistic", "reward", False),
-    "ie-paper": ("ie", "optimistic", "reward", False),
-    "ie-mean": ("ie", "mean", "reward", False),
-    "ie-observed": ("ie", "observed", "reward", False),
-    "oracle": ("ie", "optimistic", "truth", False),
-    "oracle-paper": ("ie", "optimistic", "truth", False),
-    "ie-fresh": ("ie", "optimistic", "reward", True),
-    "oracle-fresh": ("ie", "optimistic", "truth", True),
-    "hindsight": ("hindsight", "-", "truth", True),
+    "random": ("uniform", "optimistic", "reward", False, "none"),
+    "ie": ("ie", "optimistic", "reward", True, "none"),
+    "ie-paper": ("ie", "optimistic", "reward", False, "none"),
+    "ie-definition": ("ie", "optimistic", "reward", True, "none"),
+    "ie-repeats": ("ie", "optimistic", "reward", False, "none"),
+    "ie-mean": ("ie", "mean", "reward", True, "none"),
+    "ie-observed": ("ie", "observed", "reward", True, "none"),
+    "ie-descriptors": ("ie", "optimistic", "reward", False, "wordnet"),
+    "oracle": ("ie", "optimistic", "truth", True, "none"),
+    "oracle-paper": ("ie", "optimistic", "truth", False, "none"),
+    "hindsight": ("hindsight", "-", "truth", True, "none"),
 }
 # Each arm's random stream. An ablation shares its base arm's stream (common random numbers: the
 # same first, uniform round and the same draws wherever the distributions agree), so that the
 # difference measured is the ablated part's, not the draws'.
-ARM_SEEDS = {"random": (0,), "ie": (1,), "ie-paper": (1,), "ie-mean": (1,), "ie-observed": (1,), "ie-fresh": (1,),
-             "oracle": (4,), "oracle-paper": (4,), "oracle-fresh": (4,), "hindsight": (7,)}
+ARM_SEEDS = {"random": (0,), "ie": (1,), "ie-paper": (1,), "ie-definition": (1,), "ie-repeats": (1,), "ie-mean": (1,), "ie-observed": (1,),
+             "ie-descriptors": (1,), "oracle": (4,), "oracle-paper": (4,), "hindsight": (7,)}
 # The planner parameters of the arms that plan: the project's defaults (planning.ModelParams /
 # SamplingParams; `--length-scale` and `--tier-masses` replace them), except the `-paper` arms, which
 # keep the paper's length-scale 1 (the project's default is 0.6, gp.py).
 PROJECT_PARAMS = (planning.ModelParams(), planning.SamplingParams())
 ARM_PARAMS = {"ie-paper": (planning.PAPER_MODEL, planning.SamplingParams()), "oracle-paper": (planning.PAPER_MODEL, planning.SamplingParams())}
+# What each arm's GP embeds the concepts as: the project's text (the name, or `--concept-text`) unless
+# named here.
+ARM_TEXTS = {"ie-paper": PAPER_CONCEPT_TEXT, "oracle-paper": PAPER_CONCEPT_TEXT, "ie-definition": PAPER_CONCEPT_TEXT}
+PROJECT_TEXT = PROJECT_CONCEPT_TEXT
 # Each ablation against the arm it ablates, paired by seed (they share their random streams).
-ABLATION_OF = {"ie-paper": "ie", "ie-mean": "ie", "ie-observed": "ie", "ie-fresh": "ie", "oracle-paper": "oracle", "oracle-fresh": "oracle"}
+ABLATION_OF = {"ie-paper": "ie", "ie-definition": "ie", "ie-repeats": "ie", "ie-mean": "ie", "ie-observed": "ie", "ie-descriptors": "ie", "oracle-paper": "oracle"}
 MAX_PIXELS = 64_000_000
 
 
@@ -148,7 +167,7 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
             reward_model: planning.RewardModel, rounds: int, queries: int, images_per_query: int,
             params: tuple[planning.ModelParams, planning.SamplingParams] | None = None) -> Run:
     """`params` overrides the arm's planner parameters (`arm_params`)."""
-    mode, scoring, source, fresh = ARM_SPECS[arm]
+    mode, scoring, source, fresh, described = ARM_SPECS[arm]
     model_params, sampling_params = params or arm_params(arm)
     # Seeded by the arm's name, not its position in ARMS, so that adding an arm changes no draw.
     rng = np.random.default_rng([seed, *ARM_SEEDS[arm]])
@@ -159,9 +178,9 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
         began = time.perf_counter()
         exclude = planning.queried_rows(pool, rewards) if fresh else None
         plan = planning.make_plan(pool, rewards, mode=mode, queries=queries, rng=rng, reward_model=reward_model, scoring=scoring, exclude=exclude,
-                                  model_params=model_params, sampling_params=sampling_params)
+                                  model_params=model_params, sampling_params=sampling_params, descriptors=descriptor_source(described))
         run.plan_seconds += time.perf_counter() - began
-        hits = web.search([pool.names[i] for i in plan.picks], images_per_query)
+        hits = web.search([query_text(d.text, pool.names[i]) for i, d in zip(plan.picks, plan.descriptors)], images_per_query)
         for row, found in zip(plan.picks, hits):
             rewards.setdefault(pool.keys[row], []).append(concept_value(found, source, image_reward, relevant))
         new = sorted({r for found in hits for r in found} - seen)
@@ -171,6 +190,16 @@ def run_arm(arm: str, seed: int, pool: planning.Pool, web: OfflineWeb, image_rew
     best = sorted(((float(np.mean(v)), k) for k, v in rewards.items()), reverse=True)[:8]
     run.top_concepts = [pool.names[pool.index[k]] for _, k in best]
     return run
+
+
+_DESCRIPTORS: dict[str, DescriptorSource] = {}
+
+
+def descriptor_source(name: str) -> DescriptorSource:
+    """The planner's descriptor source of that name (one instance per process: WordNet is read once)."""
+    if name not in _DESCRIPTORS:
+        _DESCRIPTORS[name] = {NONE: NoDescriptors, WORDNET: WordNetDescriptors}[name]()
+    return _DESCRIPTORS[name]
 
 
 def concept_value(found: list[int], source: str, image_reward: np.ndarray, relevant: np.ndarray) -> float:
@@ -326,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--length-scale", type=float, default=None, help="GP length-scale of the arms not named -paper (default: the planner's, 0.6)")
     parser.add_argument("--tier-masses", default=None, help="tier masses of the arms not named -paper, e.g. 0.95,0.03,0.02 (default: the paper's 0.8,0.1,0.1)")
+    parser.add_argument("--concept-text", choices=CONCEPT_TEXTS, default=None, help="what the GP of the arms not named -paper or -definition embeds concepts as (default: the planner's, name)")
     parser.add_argument("--vocabulary", choices=("wordnet", "corpus"), default="wordnet")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "exploration-diagnosis.json")
@@ -336,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}")
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | {args.serve_size})
-    global PROJECT_PARAMS
+    global PROJECT_PARAMS, PROJECT_TEXT
+    PROJECT_TEXT = args.concept_text or PROJECT_TEXT
     model, draw = PROJECT_PARAMS
     if args.length_scale is not None:
         model = dataclasses.replace(model, length_scale=args.length_scale)
@@ -352,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"bench.exploration.diagnose: {branches}, seeds {seeds}, {args.rounds} rounds x {args.queries} queries x {args.images_per_query} images, arms {arms}, on {machine()}", flush=True)
     web = OfflineWeb(data_dir)
-    vocabulary, embeddings = vocabulary_pool(args.vocabulary, web)
-    pool = planning.vocabulary_pool(vocabulary, embeddings)
+    # One pool per concept text the arms embed (the same concepts in the same order).
+    pools = {text: planning.vocabulary_pool(*vocabulary_pool(args.vocabulary, web, text)) for text in dict.fromkeys(arm_text(a) for a in arms)}
+    pool = pools.get(PROJECT_TEXT) or next(iter(pools.values()))
     reward_model = planning.RewardModel(device="cpu")
     corpus = {}
     for size in sizes:
@@ -384,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 if arm == "hindsight":  # no randomness: the same plan for every seed
                     run = run_hindsight(seed, pool, results_of_all, relevant, args.rounds, args.queries)
                 else:
-                    run = run_arm(arm, seed, pool, web, serve_rewards, relevant, reward_model, args.rounds, args.queries, args.images_per_query)
+                    run = run_arm(arm, seed, pools[arm_text(arm)], web, serve_rewards, relevant, reward_model, args.rounds, args.queries, args.images_per_query)
                 runs.append(run)
                 print(f"    {arm:12s} seed {seed}: new {run.new}, relevant {run.relevant} (plans {run.plan_seconds:.0f} s)", flush=True)
         summary = summarise(branch, runs, quality, relevant, args.rounds)
@@ -399,11 +431,15 @@ def arm_params(arm: str) -> tuple[planning.ModelParams, planning.SamplingParams]
     return ARM_PARAMS.get(arm, PROJECT_PARAMS)
 
 
+def arm_text(arm: str) -> str:
+    return ARM_TEXTS.get(arm, PROJECT_TEXT)
+
+
 def arm_description(arm: str) -> dict:
-    out = dict(zip(("mode", "scoring", "concept_reward", "fresh_concepts_only"), ARM_SPECS[arm]))
+    out = dict(zip(("mode", "scoring", "concept_reward", "fresh_concepts_only", "descriptors"), ARM_SPECS[arm]))
     if arm not in ("random", "hindsight"):  # uniform draws, or no model: no planner parameters
         model, draw = arm_params(arm)
-        out.update(length_scale=model.length_scale, tier_sizes=list(draw.tiers), tier_masses=list(draw.masses), spread=draw.spread)
+        out.update(concept_text=arm_text(arm), length_scale=model.length_scale, tier_sizes=list(draw.tiers), tier_masses=list(draw.masses), spread=draw.spread)
     return out
 
 

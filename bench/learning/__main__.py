@@ -196,15 +196,16 @@ class OfflineWeb:
         return np.array([target_sets.relevant(r.synset, target) for r in self.records], dtype=bool)
 
 
-def vocabulary_pool(kind: str, web: "OfflineWeb"):
-    """The paper's WordNet nouns, or (`corpus`, for smoke runs) the offline web's own concept
-    names: a vocabulary that every query can hit, far smaller to embed."""
-    from services.planner.vocabulary import EmbeddingCache, custom_vocabulary, wordnet_vocabulary
+def vocabulary_pool(kind: str, web: "OfflineWeb", concept_text: str = ""):
+    """The paper's WordNet nouns, embedded as `concept_text` (default: the planner's), or (`corpus`,
+    for smoke runs) the offline web's own concept names: a vocabulary that every query can hit, far
+    smaller to embed."""
+    from services.planner.vocabulary import PROJECT_CONCEPT_TEXT, EmbeddingCache, custom_vocabulary, wordnet_vocabulary
 
     if kind == "corpus":
         vocabulary = custom_vocabulary(sorted({r.concept for r in web.records if getattr(r, "concept", "")}))
     else:
-        vocabulary = wordnet_vocabulary()
+        vocabulary = wordnet_vocabulary(concept_text=concept_text or PROJECT_CONCEPT_TEXT)
     started = time.perf_counter()
     embeddings = EmbeddingCache(None, "").get(vocabulary)
     print(f"  vocabulary: {len(vocabulary):,} {'WordNet noun' if kind == 'wordnet' else 'corpus'} concepts embedded ({time.perf_counter() - started:.0f} s, cached)", flush=True)

@@ -62,10 +62,10 @@ def cpu_model() -> str:
 
 def load_candidates(seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The WordNet vocabulary's cached MiniLM embeddings (and synsets) if this machine has them, else random unit vectors."""
-    from services.planner.vocabulary import wordnet_vocabulary
+    from services.planner.vocabulary import PAPER_CONCEPT_TEXT, wordnet_vocabulary
 
     try:
-        vocabulary = wordnet_vocabulary()
+        vocabulary = wordnet_vocabulary(concept_text=PAPER_CONCEPT_TEXT)  # the texts its figures were measured on
         path = default_cache_dir() / vocabulary.digest / "embeddings.npy"
         if path.is_file():
             array = np.load(path)
@@ -156,10 +156,10 @@ def behaviour(pool: planning.Pool, model: planning.RewardModel, params: planning
     Share of the issued queries that fall in the best 1% of the vocabulary for that target, GP-driven
     sampler against uniform sampling (the paper's random baseline), 256 queries an iteration.
     """
-    from services.planner.vocabulary import wordnet_vocabulary
+    from services.planner.vocabulary import PAPER_CONCEPT_TEXT, wordnet_vocabulary
 
     try:
-        vocabulary = wordnet_vocabulary()
+        vocabulary = wordnet_vocabulary(concept_text=PAPER_CONCEPT_TEXT)  # the texts its figures were measured on
     except Exception:  # noqa: BLE001 - no WordNet: no named targets
         return []
     rows = []

@@ -73,12 +73,12 @@ def main() -> int:
     args = parser.parse_args()
 
     from services.common.textembed import shared_minilm
-    from services.planner.vocabulary import wordnet_vocabulary
+    from services.planner.vocabulary import PAPER_CONCEPT_TEXT, wordnet_vocabulary
 
     embedder = shared_minilm()
     runtime = embedder.prepare()
     print(f"after = {runtime}; cores {os.cpu_count()}", flush=True)
-    vocabulary = wordnet_vocabulary()
+    vocabulary = wordnet_vocabulary(concept_text=PAPER_CONCEPT_TEXT)  # the texts its figures were measured on
     rng = np.random.default_rng(18)
     texts = [vocabulary.texts[i] for i in rng.choice(len(vocabulary.texts), min(args.concepts, len(vocabulary.texts)), replace=False)]
     runs: list[dict] = []

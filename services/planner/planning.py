@@ -74,10 +74,19 @@ class Pool:
     # Block of each concept for the PIC approximation (WordNet: its synset, so that synonyms stay as
     # correlated as the exact kernel makes them); None: every concept its own block (FIC).
     blocks: np.ndarray | None = None
+    _query_ids: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.index:
             self.index = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def query_ids(self) -> np.ndarray:
+        """Per row, an id of its search text: WordNet senses that share a lemma ("apple" the fruit and
+        the tree) are asked as the same query and get the same answer."""
+        if self._query_ids is None:
+            self._query_ids = np.unique(np.asarray(self.names, dtype=object), return_inverse=True)[1].astype(np.int64)
+        return self._query_ids
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -292,8 +301,25 @@ def observed_scores(pool: Pool, rewards: dict[str, list[float]]) -> tuple[np.nda
 
 
 def queried_rows(pool: Pool, rewards: dict[str, list[float]]) -> np.ndarray:
-    """Pool rows of the concepts that have observed rewards (were queried): make_plan's `exclude`."""
-    return np.array([pool.index[k] for k in rewards if k in pool.index], dtype=np.int64)
+    """Pool rows whose query was asked already (a concept with observed rewards, or another sense of
+    its name): make_plan's `exclude`."""
+    asked = np.array([pool.index[k] for k in rewards if k in pool.index], dtype=np.int64)
+    if not asked.size:
+        return asked
+    ids = pool.query_ids
+    return np.flatnonzero(np.isin(ids, ids[asked]))
+
+
+def one_row_per_query(pool: Pool, scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """`allowed` keeping, of the rows that share a search text, only the best-scoring one: two senses
+    of one name drawn in the same iteration would be the same query twice."""
+    ids = pool.query_ids
+    order = np.flatnonzero(allowed)
+    order = order[np.argsort(-scores[order], kind="stable")]
+    _, first = np.unique(ids[order], return_index=True)
+    out = np.zeros_like(allowed)
+    out[order[first]] = True
+    return out
 
 
 def make_plan(
@@ -323,6 +349,8 @@ def make_plan(
     `exclude` (pool rows) are left out of the "ie" draw: concepts already queried, whose answer from
     a deterministic search (the offline web, a caption index) would be the same images again. They
     still inform the model through their rewards; the tiers are filled by the best of the others.
+    With `exclude` given (even empty), each search text is drawn at most once per plan, as its best-
+    scoring sense (`one_row_per_query`).
     """
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
@@ -365,8 +393,10 @@ def make_plan(
                 picks.append(next(li) if flag else next(ci))
         else:
             allowed = np.ones(P, dtype=bool)
-            if exclude is not None and len(exclude):
+            if exclude is not None:
                 allowed[np.asarray(exclude, dtype=np.int64)] = False
+                if allowed.any():
+                    allowed = one_row_per_query(pool, scores, allowed)
             if allowed.all() or not allowed.any():
                 probs = concept_distribution(scores, sampling_params)
             else:

@@ -36,7 +36,7 @@ from services.planner import descriptors as descriptor_sources
 from services.planner import distributions, gp, planning, sampling
 from services.planner.state import ACCEPTED, TERMINAL, ExplorationRecord, IterationState, QueryState, candidate_digest, decision_id, sum_counts
 from services.planner.validation import InvalidField, SpecDefaults, check_exploration_id, normalise_spec
-from services.planner.vocabulary import CUSTOM, WORDNET, EmbeddingCache, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
+from services.planner.vocabulary import CONCEPT_TEXTS, CUSTOM, PROJECT_CONCEPT_TEXT, WORDNET, EmbeddingCache, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,15 @@ class PlannerSettings(ServiceSettings):
     planner_gp_exact_max: int = setting(
         0, help="distinct observed concepts up to which the GP is exact, then PIC/FIC; 0: 2048 on a CPU, 16384 on CUDA", minimum=0
     )
+    planner_concept_text: str = setting(
+        PROJECT_CONCEPT_TEXT,
+        help="what the GP compares WordNet concepts by: the embedding of their 'name' (the text searched for) or of the paper's 'definition' text (\"{lemma} ({hypernym}): {definition}.\")",
+        choices=CONCEPT_TEXTS,
+    )
     planner_gp_normalize: bool = setting(True, help="standardise concept rewards before the GP (scikit-learn's normalize_y)")
     planner_fresh_concepts: bool = setting(
-        False,
-        help="leave concepts already queried out of later iterations' draws when queries carry no descriptor (a deterministic search, like the offline web's, answers them with the same images again); they still inform the GP. false: the paper's draw",
+        True,
+        help="leave concepts whose query was already asked (another sense of the same name included) out of later iterations' draws, and draw each query once per iteration, when queries carry no descriptor (a deterministic search, like the offline web's or a cache's, answers them with the same images again); they still inform the GP. false: the paper's draw",
     )
     planner_device: str = setting("auto", help="torch device of the reward model: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
     planner_llm_url: str = setting("", help="OpenAI-compatible base URL for LLM descriptors (e.g. http://vllm:8000/v1); empty disables 'llm'")
@@ -349,7 +354,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
         with self._vocabulary_lock:
             vocabulary = self._vocabularies.get(key)
             if vocabulary is None:
-                vocabulary = wordnet_vocabulary() if kind == WORDNET else custom_vocabulary(list(concepts))
+                vocabulary = wordnet_vocabulary(concept_text=self.settings.planner_concept_text) if kind == WORDNET else custom_vocabulary(list(concepts))
                 self._vocabularies[key] = vocabulary
             return vocabulary
 

@@ -1,8 +1,11 @@
 """Concept vocabularies and their MiniLM embeddings, computed once and cached (memory, local disk, S3).
 
 The default vocabulary is the paper's: every (lemma, synset) pair of the WordNet 3.0 nouns (146,347
-concepts), embedded as "{lemma} ({hypernym}): {definition}." and searched for as the lemma. A
-custom vocabulary is the user's list of concepts, embedded and searched as written.
+concepts), searched for as the lemma. What the Gaussian process compares concepts by is the
+embedding of their `concept_text`: the paper's "{lemma} ({hypernym}): {definition}." (`definition`)
+or, the project's default, the lemma itself (`name`): the text that is searched for, whose embedding
+predicts a concept's reward better (bench/README.md, "The concept text"). A custom vocabulary is the
+user's list of concepts, embedded and searched as written.
 
 Embeddings are addressed by a digest of the model name and the embedded texts:
 `vocabularies/<digest>/embeddings.npy` (float32 [N, 384]) and `meta.json` in S3, mirrored under the
@@ -45,6 +48,11 @@ S3_PREFIX = "vocabularies"
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_DIMENSION = 384
 EMBED_CHUNK = 2048
+# What a WordNet concept is embedded as: the paper's gloss text, or its name (the query's text).
+DEFINITION, NAME = "definition", "name"
+CONCEPT_TEXTS = (DEFINITION, NAME)
+PAPER_CONCEPT_TEXT = DEFINITION
+PROJECT_CONCEPT_TEXT = NAME
 
 
 def default_cache_dir() -> Path:
@@ -90,8 +98,20 @@ def wordnet_key(lemma: str, synset_offset: int) -> str:
     return f"{lemma}.n{synset_offset:08d}"
 
 
-def wordnet_vocabulary(directory: Path | None = None) -> Vocabulary:
+def configured_concept_text() -> str:
+    """The planner's `IEX_PLANNER_CONCEPT_TEXT` for the tools that build its cache ahead of it."""
+    text = os.environ.get("IEX_PLANNER_CONCEPT_TEXT", "").strip() or PROJECT_CONCEPT_TEXT
+    if text not in CONCEPT_TEXTS:
+        raise ValueError(f"IEX_PLANNER_CONCEPT_TEXT must be one of {', '.join(CONCEPT_TEXTS)}, got {text!r}")
+    return text
+
+
+def wordnet_vocabulary(directory: Path | None = None, concept_text: str = PROJECT_CONCEPT_TEXT) -> Vocabulary:
+    """`concept_text`: what each concept is embedded as, `definition` (the paper's) or `name`."""
     from services.common.wordnet import WordNet
+
+    if concept_text not in CONCEPT_TEXTS:
+        raise ValueError(f"concept_text must be one of {', '.join(CONCEPT_TEXTS)}, got {concept_text!r}")
 
     wn = WordNet.load(directory)
     keys, names, texts, synsets = [], [], [], []
@@ -103,7 +123,7 @@ def wordnet_vocabulary(directory: Path | None = None) -> Vocabulary:
         seen.add(key)
         keys.append(key)
         names.append(concept.lemma)
-        texts.append(concept.text)
+        texts.append(concept.text if concept_text == DEFINITION else concept.lemma)
         synsets.append(concept.synset)
     return Vocabulary(WORDNET, keys, names, texts, synsets)
 
@@ -327,12 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.planner.vocabulary")
     parser.add_argument("command", choices=("build", "digest"))
     parser.add_argument("--concepts-file", help="a custom vocabulary, one concept a line (default: WordNet nouns)")
+    parser.add_argument("--concept-text", choices=CONCEPT_TEXTS, default=None, help="what WordNet concepts are embedded as (default: IEX_PLANNER_CONCEPT_TEXT, else name)")
     args = parser.parse_args(argv)
     logs.configure("planner-vocabulary", "INFO")
     if args.concepts_file:
         vocabulary = custom_vocabulary(Path(args.concepts_file).read_text().splitlines())
     else:
-        vocabulary = wordnet_vocabulary()
+        vocabulary = wordnet_vocabulary(concept_text=args.concept_text or configured_concept_text())
     if args.command == "digest":
         print(json.dumps({"kind": vocabulary.kind, "concepts": len(vocabulary), "digest": vocabulary.digest}))
         return 0

@@ -59,6 +59,13 @@ def test_an_ablation_shares_its_base_arms_draws_and_differs_only_in_its_paramete
     paper_model, _ = diagnose.ARM_PARAMS["ie-paper"]
     assert paper_model.length_scale == 1.0 and diagnose.arm_description("ie")["length_scale"] == 0.6
     assert diagnose.arm_description("ie-paper")["tier_masses"] == diagnose.arm_description("ie")["tier_masses"] == [0.8, 0.1, 0.1]
+    # The project's planner against the paper's: the names' embeddings and fresh concepts, against
+    # the definition texts and every concept drawable again; each ablation changes one of them.
+    ie, paper = diagnose.arm_description("ie"), diagnose.arm_description("ie-paper")
+    assert (ie["concept_text"], ie["fresh_concepts_only"]) == ("name", True)
+    assert (paper["concept_text"], paper["fresh_concepts_only"], paper["length_scale"]) == ("definition", False, 1.0)
+    assert diagnose.arm_description("ie-definition")["concept_text"] == "definition" and diagnose.arm_description("ie-definition")["fresh_concepts_only"]
+    assert diagnose.arm_description("ie-repeats")["concept_text"] == "name" and not diagnose.arm_description("ie-repeats")["fresh_concepts_only"]
 
 
 def test_hindsight_picks_what_keeps_the_cumulative_yield_highest():
@@ -79,3 +86,35 @@ def test_hindsight_picks_what_keeps_the_cumulative_yield_highest():
     run = diagnose.run_hindsight(0, type("Pool", (), {"names": list("abcde"), "__len__": lambda self: 5})(), results, relevant, rounds=2, queries=2)
     # Round 1: rows 1 and 3 (3 new, all relevant); round 2: row 4 (nothing new), then row 0 (3/4) over row 2 (3/5).
     assert run.new == [3, 1] and run.relevant == [3, 0] and run.top_concepts == ["b", "d", "e", "a"]
+
+
+class RecordingWeb:
+    """The offline web's search, answering each query with the rows named after its last word."""
+
+    def __init__(self, rows_by_name: dict[str, list[int]]) -> None:
+        self.rows_by_name, self.queries = rows_by_name, []
+
+    def search(self, texts: list[str], k: int) -> list[list[int]]:
+        self.queries += texts
+        return [self.rows_by_name.get(t.split()[-1], [])[:k] for t in texts]
+
+
+def test_the_descriptors_arm_asks_descriptor_plus_concept_and_credits_the_concept():
+    from services.planner import planning
+    from services.planner.vocabulary import custom_vocabulary
+
+    names = ["apple", "pear", "brick", "kettle"]
+    vocabulary = custom_vocabulary(names)
+    embeddings = np.eye(4, 8, dtype=np.float32)
+    pool = planning.vocabulary_pool(vocabulary, embeddings)
+    web = RecordingWeb({"apple": [0, 1], "pear": [1, 2], "brick": [3], "kettle": [4]})
+    relevant = np.array([True, True, True, False, False])
+    image_reward = np.array([0.9, 0.8, 0.7, 0.1, 0.2])
+    args = (pool, web, image_reward, relevant, planning.RewardModel(device="cpu"), 3, 4, 2)
+    plain = diagnose.run_arm("ie", 0, *args)
+    plain_queries, web.queries = web.queries, []
+    described = diagnose.run_arm("ie-descriptors", 0, *args)
+    assert sorted(plain_queries) == sorted(names * 3)
+    assert all(len(q.split()) == 2 and q.split()[-1] in names for q in web.queries)
+    # The same first (uniform) round, so the same images; credited to the concept, not the query text.
+    assert described.new[0] == plain.new[0] == 5 and set(described.top_concepts) <= set(names)

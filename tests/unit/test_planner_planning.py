@@ -76,6 +76,27 @@ def test_excluded_concepts_are_never_drawn_and_the_tiers_fill_with_the_rest():
     assert float(np.mean(truth[fresh.picks])) > float(np.mean(np.delete(truth, queried))) + 0.1
 
 
+def test_a_name_asked_once_is_asked_for_no_sense_again_and_each_query_once_per_plan():
+    # Six concepts, three names: "apple" the fruit and the tree are one query to a search engine.
+    names = ["apple", "apple", "pear", "pear", "brick", "kettle"]
+    keys = [f"{n}.{i}" for i, n in enumerate(names)]
+    embeddings = np.eye(6, 8, dtype=np.float32)
+    pool = planning.Pool(keys, names, names, [], np.zeros(6, dtype=bool), embeddings, "senses")
+    assert pool.query_ids[0] == pool.query_ids[1] != pool.query_ids[2] == pool.query_ids[3]
+    rewards = {keys[0]: [1.0]}
+    assert planning.queried_rows(pool, rewards).tolist() == [0, 1]
+    assert planning.queried_rows(pool, {}).size == 0
+    scores = np.array([0.0, 0.0, 0.2, 0.9, 0.5, 0.1])
+    # Of the two pears the better-scored one (row 3) stays; the apples are both excluded.
+    allowed = planning.one_row_per_query(pool, scores, np.array([False, False, True, True, True, True]))
+    assert allowed.tolist() == [False, False, False, True, True, True]
+    kwargs = dict(mode="ie", queries=3, reward_model=planning.RewardModel(device="cpu"))
+    for seed in range(5):
+        plan = planning.make_plan(pool, rewards, rng=np.random.default_rng(seed), exclude=planning.queried_rows(pool, rewards), **kwargs)
+        asked = [names[row] for row in plan.picks]
+        assert sorted(asked) == ["brick", "kettle", "pear"] and plan.probabilities[[0, 1]].sum() == 0
+
+
 def test_gp_sampler_queries_far_more_high_reward_concepts_than_random():
     pool, truth, rng = clustered_world(seed=1, size=6000)
     best = set(np.argsort(-truth)[: len(pool) // 100].tolist())  # the top 1% of concepts

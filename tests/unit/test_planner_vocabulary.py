@@ -142,3 +142,28 @@ def test_failed_builds_are_reported(tmp_path):
     with pytest.raises(RuntimeError, match="model missing"):
         cache.get(v.custom_vocabulary(["q"]), timeout_s=10)
     assert "failed" in cache.jobs[v.custom_vocabulary(["q"]).digest].describe()
+
+
+def test_wordnet_concepts_are_embedded_as_their_name_or_the_papers_definition_text(tmp_path, monkeypatch):
+    # A two-synset WordNet: apple (fruit) under its hypernym "edible fruit".
+    lines = ["  1 a tiny WordNet for tests",
+             "07705931 13 n 01 edible_fruit 0 000 | edible reproductive body of a seed plant  ",
+             "07739125 13 n 01 apple 0 001 @ 07705931 n 0000 | fruit with red or yellow or green skin  "]
+    (tmp_path / "data.noun").write_text("\n".join(lines) + "\n")
+    (tmp_path / "index.noun").write_text("  1 index\napple n 1 1 @ 1 0 07739125  \nedible_fruit n 1 1 @ 1 0 07705931  \n")
+    by_name = v.wordnet_vocabulary(tmp_path, concept_text=v.NAME)
+    by_definition = v.wordnet_vocabulary(tmp_path, concept_text=v.DEFINITION)
+    apple = by_name.index["apple.n07739125"]
+    assert by_name.keys == by_definition.keys and by_name.names == by_definition.names
+    assert by_name.texts[apple] == "apple"
+    assert by_definition.texts[apple] == "apple (edible fruit): fruit with red or yellow or green skin."
+    assert by_name.digest != by_definition.digest  # two caches, never one read as the other
+    with pytest.raises(ValueError, match="concept_text"):
+        v.wordnet_vocabulary(tmp_path, concept_text="gloss")
+    monkeypatch.setenv("IEX_PLANNER_CONCEPT_TEXT", "gloss")
+    with pytest.raises(ValueError, match="IEX_PLANNER_CONCEPT_TEXT"):
+        v.configured_concept_text()
+    monkeypatch.setenv("IEX_PLANNER_CONCEPT_TEXT", "definition")
+    assert v.configured_concept_text() == v.DEFINITION == v.PAPER_CONCEPT_TEXT
+    monkeypatch.delenv("IEX_PLANNER_CONCEPT_TEXT")
+    assert v.configured_concept_text() == v.PROJECT_CONCEPT_TEXT == v.NAME
