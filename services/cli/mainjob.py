@@ -96,11 +96,12 @@ def prepare_vocabulary() -> None:
     """Embeds the WordNet noun vocabulary (146,347 concepts, about 4 minutes on 2 idle cores with MiniLM on onnxruntime, 10 on busy ones) once,
     into the cache the planner reads (~/.cache/iex/vocabularies and S3), before the exploration
     exists: the planner would otherwise compute it while the exploration waits."""
-    from services.planner.vocabulary import configured_concept_text, default_cache_dir, wordnet_vocabulary
+    from services.common.settings import load
+    from services.planner.vocabulary import VocabularySettings, wordnet_vocabulary
 
-    configured = os.environ.get("IEX_PLANNER_VOCABULARY_CACHE_DIR")
-    digest = wordnet_vocabulary(concept_text=configured_concept_text()).digest
-    if ((Path(configured) if configured else default_cache_dir()) / digest / "embeddings.npy").is_file():
+    planner = load(VocabularySettings)
+    digest = wordnet_vocabulary(concept_text=planner.planner_concept_text).digest
+    if (planner.cache_dir() / digest / "embeddings.npy").is_file():
         return
     from services.stack.servers import stack_env
 

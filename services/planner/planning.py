@@ -13,6 +13,7 @@ run it directly:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -74,19 +75,16 @@ class Pool:
     # Block of each concept for the PIC approximation (WordNet: its synset, so that synonyms stay as
     # correlated as the exact kernel makes them); None: every concept its own block (FIC).
     blocks: np.ndarray | None = None
-    _query_ids: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.index:
             self.index = {k: i for i, k in enumerate(self.keys)}
 
-    @property
+    @functools.cached_property
     def query_ids(self) -> np.ndarray:
         """Per row, an id of its search text: WordNet senses that share a lemma ("apple" the fruit and
         the tree) are asked as the same query and get the same answer."""
-        if self._query_ids is None:
-            self._query_ids = np.unique(np.asarray(self.names, dtype=object), return_inverse=True)[1].astype(np.int64)
-        return self._query_ids
+        return np.unique(np.asarray(self.names, dtype=object), return_inverse=True)[1].astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.keys)

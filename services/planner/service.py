@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Mapping
 
 import grpc
@@ -36,7 +35,7 @@ from services.planner import descriptors as descriptor_sources
 from services.planner import distributions, gp, planning, sampling
 from services.planner.state import ACCEPTED, TERMINAL, ExplorationRecord, IterationState, QueryState, candidate_digest, decision_id, sum_counts
 from services.planner.validation import InvalidField, SpecDefaults, check_exploration_id, normalise_spec
-from services.planner.vocabulary import CONCEPT_TEXTS, CUSTOM, PROJECT_CONCEPT_TEXT, WORDNET, EmbeddingCache, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
+from services.planner.vocabulary import CUSTOM, WORDNET, EmbeddingCache, VocabularySettings, Vocabulary, custom_vocabulary, embedding_digest, wordnet_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ MODES = {
 
 
 @dataclass(frozen=True)
-class PlannerSettings(ServiceSettings):
+class PlannerSettings(ServiceSettings, VocabularySettings):
     planner_default_iterations: int = setting(40, help="iterations when a request leaves spec.iterations unset (paper: ~40)", minimum=1)
     planner_default_queries: int = setting(256, help="queries per iteration when spec.queries_per_iteration is unset (paper: 256)", minimum=1)
     planner_default_images_per_query: int = setting(100, help="search results per query when spec.images_per_query is unset (paper: 100)", minimum=1)
@@ -68,7 +67,6 @@ class PlannerSettings(ServiceSettings):
         "wordnet", help="vocabulary of requests that bring no concepts: 'wordnet' (146,347 WordNet noun concepts) or 'none' (concepts required)", choices=("wordnet", "none")
     )
     planner_default_descriptors: str = setting("none", help="descriptor source when a request leaves spec.descriptors empty", choices=descriptor_sources.SOURCES)
-    planner_vocabulary_cache_dir: str = setting("", help="local cache of vocabulary embeddings; empty: $XDG_CACHE_HOME (or ~/.cache)/iex/vocabularies")
     planner_preload_vocabulary: bool = setting(False, help="load (or build) the default vocabulary's embeddings at start instead of on first use")
     planner_tier_masses: tuple[float, ...] = setting(
         sampling.PAPER_MASSES,
@@ -81,11 +79,6 @@ class PlannerSettings(ServiceSettings):
     planner_gp_rank: int = setting(512, help="rank of the vocabulary kernel factor the approximate GP uses", minimum=16, maximum=8192)
     planner_gp_exact_max: int = setting(
         0, help="distinct observed concepts up to which the GP is exact, then PIC/FIC; 0: 2048 on a CPU, 16384 on CUDA", minimum=0
-    )
-    planner_concept_text: str = setting(
-        PROJECT_CONCEPT_TEXT,
-        help="what the GP compares WordNet concepts by: the embedding of their 'name' (the text searched for) or of the paper's 'definition' text (\"{lemma} ({hypernym}): {definition}.\")",
-        choices=CONCEPT_TEXTS,
     )
     planner_gp_normalize: bool = setting(True, help="standardise concept rewards before the GP (scikit-learn's normalize_y)")
     planner_fresh_concepts: bool = setting(
@@ -230,8 +223,7 @@ class PlannerService(Service, planner_pb2_grpc.PlannerServiceServicer):
             gp_rank=settings.planner_gp_rank,
             gp_exact_max=settings.planner_gp_exact_max,
         )
-        cache_dir = Path(settings.planner_vocabulary_cache_dir) if settings.planner_vocabulary_cache_dir else None
-        self.embeddings = EmbeddingCache(self.store, settings.s3_bucket, cache_dir=cache_dir, on_ready=self._on_embeddings_ready)
+        self.embeddings = EmbeddingCache(self.store, settings.s3_bucket, cache_dir=settings.cache_dir(), on_ready=self._on_embeddings_ready)
         self.reward_model = planning.RewardModel(device=settings.planner_device)
         self._vocabularies: dict[str, Vocabulary] = {}
         self._vocabulary_lock = threading.Lock()

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from services.common.errors import DependencyUnavailable
+from services.common.settings import load, setting
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,26 @@ def wordnet_key(lemma: str, synset_offset: int) -> str:
     return f"{lemma}.n{synset_offset:08d}"
 
 
+@dataclass(frozen=True)
+class VocabularySettings:
+    """The planner's settings that decide which vocabulary cache it reads. `PlannerSettings` inherits
+    them; the tools that build the cache ahead of the planner (`build` below, the main job) load them
+    alone, with the same parsing and checks."""
+
+    planner_vocabulary_cache_dir: str = setting("", help="local cache of vocabulary embeddings; empty: $XDG_CACHE_HOME (or ~/.cache)/iex/vocabularies")
+    planner_concept_text: str = setting(
+        PROJECT_CONCEPT_TEXT,
+        help="what the GP compares WordNet concepts by: the embedding of their 'name' (the text searched for) or of the paper's 'definition' text (\"{lemma} ({hypernym}): {definition}.\")",
+        choices=CONCEPT_TEXTS,
+    )
+
+    def cache_dir(self) -> Path:
+        return Path(self.planner_vocabulary_cache_dir) if self.planner_vocabulary_cache_dir else default_cache_dir()
+
+
 def configured_concept_text() -> str:
     """The planner's `IEX_PLANNER_CONCEPT_TEXT` for the tools that build its cache ahead of it."""
-    text = os.environ.get("IEX_PLANNER_CONCEPT_TEXT", "").strip() or PROJECT_CONCEPT_TEXT
-    if text not in CONCEPT_TEXTS:
-        raise ValueError(f"IEX_PLANNER_CONCEPT_TEXT must be one of {', '.join(CONCEPT_TEXTS)}, got {text!r}")
-    return text
+    return load(VocabularySettings).planner_concept_text
 
 
 def wordnet_vocabulary(directory: Path | None = None, concept_text: str = PROJECT_CONCEPT_TEXT) -> Vocabulary:
@@ -342,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m services.planner.vocabulary build`: embed the default vocabulary and upload it."""
     from services.common import logs
     from services.common.objectstore import ObjectStore
-    from services.common.settings import ServiceSettings, load
+    from services.common.settings import ServiceSettings
 
     parser = argparse.ArgumentParser(prog="python -m services.planner.vocabulary")
     parser.add_argument("command", choices=("build", "digest"))
@@ -350,24 +365,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concept-text", choices=CONCEPT_TEXTS, default=None, help="what WordNet concepts are embedded as (default: IEX_PLANNER_CONCEPT_TEXT, else name)")
     args = parser.parse_args(argv)
     logs.configure("planner-vocabulary", "INFO")
+    planner = load(VocabularySettings)  # the planner's own settings, if the operator set them
     if args.concepts_file:
         vocabulary = custom_vocabulary(Path(args.concepts_file).read_text().splitlines())
     else:
-        vocabulary = wordnet_vocabulary(concept_text=args.concept_text or configured_concept_text())
+        vocabulary = wordnet_vocabulary(concept_text=args.concept_text or planner.planner_concept_text)
     if args.command == "digest":
         print(json.dumps({"kind": vocabulary.kind, "concepts": len(vocabulary), "digest": vocabulary.digest}))
         return 0
     settings = load(ServiceSettings)
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket(settings.s3_bucket)
-    cache_dir = os.environ.get("IEX_PLANNER_VOCABULARY_CACHE_DIR")  # the planner's own setting, if the operator set it
     from services.common.textembed import ProgressLine, shared_minilm
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     label = f"embedding {len(vocabulary):,} {vocabulary.kind} concepts"
-    cache = EmbeddingCache(store, settings.s3_bucket, cache_dir=Path(cache_dir) if cache_dir else None, progress=ProgressLine(say, label))
+    cache = EmbeddingCache(store, settings.s3_bucket, cache_dir=planner.cache_dir(), progress=ProgressLine(say, label))
     began = time.monotonic()
     cache.get(vocabulary)
     job = cache.jobs[vocabulary.digest]
