@@ -4,7 +4,7 @@ The default vocabulary is the paper's: every (lemma, synset) pair of the WordNet
 concepts), searched for as the lemma. What the Gaussian process compares concepts by is the
 embedding of their `concept_text`: the paper's "{lemma} ({hypernym}): {definition}." (`definition`)
 or, the project's default, the lemma itself (`name`): the text that is searched for, whose embedding
-predicts a concept's reward better (bench/README.md, "The concept text"). A custom vocabulary is the
+predicts a concept's reward better (bench/README.md, "The project's planner: the GP over the names"). A custom vocabulary is the
 user's list of concepts, embedded and searched as written.
 
 Embeddings are addressed by a digest of the model name and the embedded texts:
