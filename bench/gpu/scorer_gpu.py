@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.common import endpoints
 from services.common import modelrepo as mr
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,12 +57,6 @@ def find_tritonserver() -> Path | None:
             if (binary.parent.parent / "backends" / "onnxruntime").is_dir():
                 return binary
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def production_repository(onnx_path: Path, root: Path, image_size: int, dim: int, max_batch: int, instances: int, tensorrt_fp16: bool) -> Path:
@@ -163,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if binary is None:
         notes.append("no tritonserver with the onnxruntime backend (set TRITONSERVER): Triton rows skipped")
     else:
-        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        grpc_port, http_port, metrics_port = endpoints.free_listen_port(), endpoints.free_listen_port(), endpoints.free_listen_port()
         log_path = work / "tritonserver.log"
         with open(log_path, "wb") as log:
             server = subprocess.Popen(  # noqa: S603 - fixed argv

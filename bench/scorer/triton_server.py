@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from services.common import endpoints
 from services.common import modelrepo as mr
 from services.stack import servers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -42,7 +36,7 @@ def private_tritonserver(repository: Path, work: Path, *, ort_threads: int, log_
             os.environ.pop("IEX_STATE_DIR", None)
         else:
             os.environ["IEX_STATE_DIR"] = saved
-    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    http, grpc_port, metrics = endpoints.free_listen_port(), endpoints.free_listen_port(), endpoints.free_listen_port()
     argv = [
         str(dist.binary),
         f"--model-repository={repository}",

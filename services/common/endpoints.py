@@ -7,6 +7,8 @@ Prometheus scrape configuration, so that a port is written down once.
 from __future__ import annotations
 
 import os
+import random
+import socket
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
@@ -24,6 +26,29 @@ LINUX_EPHEMERAL_PORTS = range(32768, 61000)  # the kernel's default ip_local_por
 
 def port(base: int) -> int:
     return base + PORT_OFFSET
+
+
+# Where free_listen_port looks: above every port of a local stack (the highest, Kafka's metrics,
+# is 28093 at the chaos suite's offset of 9000) and of the compatibility stack (29000-29093), and
+# below the kernel's ephemeral range.
+SPARE_PORTS = range(30000, LINUX_EPHEMERAL_PORTS.start)
+
+
+def free_listen_port(host: str = LOOPBACK) -> int:
+    """A port that is free now, for a listener that another process will bind a moment later.
+
+    Not the kernel's answer to bind(port 0): that port is one of the ephemeral range, and any
+    outgoing connection made before the listener binds may take it (seen in CI: a crawler replica
+    failing with "Address already in use"). Ports outside that range are only taken by listeners.
+    """
+    for candidate in random.sample(SPARE_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free port in {SPARE_PORTS.start}-{SPARE_PORTS.stop - 1} on {host}")
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,7 @@ class ConsumerLoop:
                 finally:
                     if self.consumer is not None:
                         try:
+                            self._finish_joining(self.consumer)
                             self.consumer.close(autocommit=False)
                         except Exception:  # noqa: BLE001 - closing a broken consumer must not mask the loop's outcome
                             pass
@@ -257,6 +258,23 @@ class ConsumerLoop:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             self._stopped.set()
+
+    def _finish_joining(self, consumer: KafkaConsumer) -> None:
+        """Lets a join in progress complete before the consumer leaves the group.
+
+        tansu mishandles a LeaveGroup that arrives while the member's join is still in progress:
+        the group's next generation keeps the departed member's partitions, and nobody consumes
+        them until the group rebalances again (seen in CI: a crawler stopped seconds after it
+        started left half the queries topic unread for the rest of the run). A member that has
+        finished joining leaves cleanly. Records polled meanwhile are not handled and not
+        committed, so they are delivered again to whoever owns their partition next.
+        """
+        coordinator = getattr(consumer, "_coordinator", None)
+        if coordinator is None or not hasattr(coordinator, "rebalance_in_progress"):
+            return
+        deadline = time.monotonic() + self.config.session_timeout_ms / 1000
+        while coordinator.rebalance_in_progress() and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=100, max_records=1)
 
     def _poll_loop(self, consumer: KafkaConsumer) -> None:
         while not self._stop.is_set():

@@ -20,6 +20,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common import endpoints
 from services.common.modelrepo import TRITON_RECONNECT_BACKOFF_MAX_MS, TritonEncoder
 from services.common.objectstore import PROBE_TIMEOUT_S, ObjectStore
 
@@ -45,9 +46,7 @@ def serve(port: int) -> grpc.Server:
 
 
 def test_a_restarted_triton_is_used_within_seconds():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = endpoints.free_listen_port()
     server = serve(port)
     encoder = TritonEncoder(f"127.0.0.1:{port}", timeout_s=2)
     try:

@@ -26,7 +26,6 @@ import re
 from collections import Counter
 import secrets
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,12 +127,6 @@ def _service_class(name: str):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((endpoints.LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 def _methods():
     for name, module in PROTOS.items():
         for service in module.DESCRIPTOR.services_by_name.values():
@@ -186,18 +179,18 @@ def running(fuzz_stack):
             cls = _service_class(name)
             # Requests only: no consumer, so the fuzzed calls are all that reaches the service.
             quiet = type(f"Fuzzed{cls.__name__}", (cls,), {"handlers": lambda self: {}})
-            grpc_port = _free_port()
+            grpc_port = endpoints.free_listen_port()
             values = {
                 **env,
                 "IEX_GRPC_PORT": str(grpc_port),
-                "IEX_METRICS_PORT": str(_free_port()),
+                "IEX_METRICS_PORT": str(endpoints.free_listen_port()),
                 "IEX_AUTH_REQUIRED": "true",
                 "IEX_AUTH_TOKENS": f"fuzzer:{token}",
                 "IEX_MODEL_REPOSITORY": str(state / "models"),
-                "IEX_TRITON_GRPC_URL": f"{endpoints.LOOPBACK}:{_free_port()}",  # nothing listens: Triton is away
+                "IEX_TRITON_GRPC_URL": f"{endpoints.LOOPBACK}:{endpoints.free_listen_port()}",  # nothing listens: Triton is away
                 "IEX_SEARCH_CORPUS_DIR": str(corpus),
                 "IEX_SEARCH_HTTP_PORT": "0",
-                "IEX_PLANNER_ADDRESS": f"{endpoints.LOOPBACK}:{_free_port()}",
+                "IEX_PLANNER_ADDRESS": f"{endpoints.LOOPBACK}:{endpoints.free_listen_port()}",
                 "IEX_LOG_LEVEL": "WARNING",
                 "IEX_CRAWLER_ALLOW_NETWORKS": "127.0.0.0/8",  # the offline web serves on loopback
             }

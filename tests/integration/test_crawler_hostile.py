@@ -15,7 +15,6 @@ The stack's crawler is restarted afterwards, so later modules see the stack as t
 from __future__ import annotations
 
 import hashlib
-import socket
 import sys
 import time
 import urllib.request
@@ -30,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaConsumer
 
 from iex.v1 import crawler_pb2, crawler_pb2_grpc, events_pb2
-from services.common import topics
+from services.common import endpoints, topics
 from services.common.endpoints import LOOPBACK
 from services.common.kafka import KafkaConfig, Publisher
 from services.common.metrics import Metrics
@@ -44,12 +43,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OK_CASES = [c for c in CASES if c.expected == "ok"]
 REFUSED = Counter(c.expected for c in CASES if c.expected != "ok")
 TOTAL_TIMEOUT_S = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -83,7 +76,7 @@ class Replica:
 
 
 def start_crawler(name: str, env: dict[str, str], **settings: str) -> Replica:
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port = endpoints.free_listen_port(), endpoints.free_listen_port()
     root = repo_root()
     process = ManagedProcess(
         name=name,

@@ -129,3 +129,52 @@ def test_oversized_messages_are_refused(topic):
         assert info.value.reason == "message_too_large"
     finally:
         publisher.close()
+
+
+
+def test_a_member_stopped_while_it_joins_leaves_no_partition_unread(stack_env):
+    """A service stopped seconds after it starts (a replica whose sibling failed to start, a rollout
+    cut short) leaves its group in the middle of its join. On tansu that used to break the group:
+    the next member to join was assigned nothing, and every record went unread (CI, the crawler
+    replicas' fixture). ConsumerLoop.stop now lets the join finish before leaving."""
+    name = f"iex.test.join-{uuid.uuid4().hex[:8]}.v1"
+    config = KafkaConfig(bootstrap=stack_env["IEX_KAFKA_BOOTSTRAP"], client_id="test-join", partitions=4)
+    ensure_topics(config, [name, f"{name}.dlq"])
+    group = f"test-join-{uuid.uuid4().hex[:6]}"
+    handled: set[str] = set()
+    lock = threading.Lock()
+
+    def handler(message, ctx):
+        with lock:
+            handled.add(message.exploration_id)
+
+    metrics = Metrics(f"test_{uuid.uuid4().hex[:6]}")
+    publisher = Publisher(config, metrics)
+
+    def member() -> ConsumerLoop:
+        loop = ConsumerLoop(config, group, {name: handler}, publisher, metrics, message_types={name: MESSAGE})
+        loop.start()
+        return loop
+
+    def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    first = member()
+    try:
+        wait_for(lambda: first.consumer is not None and first.consumer._coordinator.rebalance_in_progress(), "the first member's join to begin")
+    finally:
+        first.stop()
+    second = member()
+    try:
+        expected = {f"record-{i}" for i in range(40)}
+        for key in sorted(expected):
+            publisher.publish(name, MESSAGE(exploration_id=key, iteration=1), key=key)
+        publisher.flush()
+        wait_for(lambda: handled >= expected, f"all 40 records handled (missing {len(expected - handled)})", timeout_s=45)
+        assert len(second.consumer.assignment()) == 4
+    finally:
+        second.stop()
+        publisher.close()

@@ -11,14 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
+from services.common import endpoints
 from services.cli import client
 from services.common.security import ClientSettings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server(address: str, credentials: grpc.ServerCredentials | None = None) -> grpc.Server:
@@ -42,7 +37,7 @@ def test_a_failed_first_probe_does_not_delay_the_next_channel(plaintext):
     """Issue 18's first-run failure: `iex run` probes the planner before starting the stack; that
     failed probe used to leave the shared subchannel in reconnect backoff, and the next call, against
     a planner that was serving by then, timed out. With a subchannel per channel it connects at once."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{endpoints.free_listen_port()}"
     with pytest.raises(client.Unreachable, match="connection refused"):
         client.planner(address, wait_s=2.0)
     # Long enough for gRPC's backoff (1 s, x1.6, +-20%) to reach several seconds between attempts.
@@ -59,7 +54,7 @@ def test_a_failed_first_probe_does_not_delay_the_next_channel(plaintext):
 
 
 def test_nothing_listening_is_connection_refused(plaintext):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{endpoints.free_listen_port()}"
     with pytest.raises(client.Unreachable) as raised:
         client.planner(address, wait_s=1.0)
     message = str(raised.value)
@@ -110,7 +105,7 @@ def _tls_credentials(pki) -> grpc.ServerCredentials:
 
 
 def test_a_tls_server_dialled_in_plaintext_says_set_the_ca(plaintext, pki):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{endpoints.free_listen_port()}"
     server = _server(address, _tls_credentials(pki))
     try:
         with pytest.raises(client.Unreachable) as raised:
@@ -121,7 +116,7 @@ def test_a_tls_server_dialled_in_plaintext_says_set_the_ca(plaintext, pki):
 
 
 def test_a_plaintext_server_dialled_with_tls_says_it_is_plaintext(pki):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{endpoints.free_listen_port()}"
     server = _server(address)
     try:
         message = client.diagnose(address, ClientSettings(tls_ca=str(pki["ca"].ca_path)), waited_s=1.0)
@@ -131,7 +126,7 @@ def test_a_plaintext_server_dialled_with_tls_says_it_is_plaintext(pki):
 
 
 def test_a_certificate_from_another_ca_is_named(pki):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{endpoints.free_listen_port()}"
     server = _server(address, _tls_credentials(pki))
     try:
         message = client.diagnose(address, ClientSettings(tls_ca=str(pki["other_ca"].ca_path)), waited_s=1.0)

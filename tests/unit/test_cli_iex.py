@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from iex.v1 import planner_pb2
+from services.common import endpoints
 from services.cli import main as cli
 from services.cli.report import IterationData, _short, stage_seconds, top_concepts_over_time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_json_is_accepted_anywhere_and_the_subcommands_exist():
@@ -28,7 +22,7 @@ def test_json_is_accepted_anywhere_and_the_subcommands_exist():
 
 
 def test_an_unreachable_planner_says_how_to_start_one(capsys):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{endpoints.free_listen_port()}"
     code = cli.main(["--planner", address, "explore", "status", "abc", "--json"])
     err = capsys.readouterr().err
     assert code == 2

@@ -59,6 +59,25 @@ def test_local_ports_stay_below_the_kernels_ephemeral_range_for_every_offset_the
         assert len(ports) >= 16 and len(set(ports)) == len(ports), (offset, ports)
         inside = [p for p in ports if p in endpoints.LINUX_EPHEMERAL_PORTS]
         assert not inside, f"IEX_PORT_OFFSET={offset}: {inside} inside the ephemeral range"
+        spare = [p for p in ports if p in endpoints.SPARE_PORTS]
+        assert not spare, f"IEX_PORT_OFFSET={offset}: {spare} among the tests' spare ports"
+
+
+def test_a_spare_port_is_free_outside_the_ephemeral_range_and_not_the_compat_stacks():
+    import socket
+
+    from services.common import endpoints
+    from services.stack import compat
+
+    assert not set(endpoints.SPARE_PORTS) & set(endpoints.LINUX_EPHEMERAL_PORTS)
+    assert not {compat.KAFKA_PORT, compat.KAFKA_CONTROLLER_PORT, compat.MINIO_PORT, compat.MINIO_CONSOLE_PORT} & set(endpoints.SPARE_PORTS)
+    with socket.socket() as held:
+        held.bind((endpoints.LOOPBACK, 0))
+        ports = {endpoints.free_listen_port() for _ in range(20)}
+    assert ports <= set(endpoints.SPARE_PORTS)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind((endpoints.LOOPBACK, port))  # free when handed out
 
 
 def test_the_planners_length_scale_and_tier_masses_are_settings_and_wrong_masses_name_the_variable():
