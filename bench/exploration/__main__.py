@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
-            "machine_load": {**load.summary(), "note": "2 cores shared with other developers' stacks and tests while measuring: wall times are noisy, yields are not"},
+            "machine_load": {**load.summary(), "note": "1-minute load average over the run, the benchmark's own explorations included: wall times depend on it, yields do not"},
             "wall_s": round(wall),
             "budget": {
                 "iterations": args.iterations,
