@@ -116,11 +116,6 @@ class VocabularySettings:
         return Path(self.planner_vocabulary_cache_dir) if self.planner_vocabulary_cache_dir else default_cache_dir()
 
 
-def configured_concept_text() -> str:
-    """The planner's `IEX_PLANNER_CONCEPT_TEXT` for the tools that build its cache ahead of it."""
-    return load(VocabularySettings).planner_concept_text
-
-
 def wordnet_vocabulary(directory: Path | None = None, concept_text: str = PROJECT_CONCEPT_TEXT) -> Vocabulary:
     """`concept_text`: what each concept is embedded as, `definition` (the paper's) or `name`."""
     from services.common.wordnet import WordNet

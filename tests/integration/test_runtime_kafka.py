@@ -131,7 +131,6 @@ def test_oversized_messages_are_refused(topic):
         publisher.close()
 
 
-
 def test_a_member_stopped_while_it_joins_leaves_no_partition_unread(stack_env):
     """A service stopped seconds after it starts (a replica whose sibling failed to start, a rollout
     cut short) leaves its group in the middle of its join. On tansu that used to break the group:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import DependencyUnavailable
+from services.common.settings import load
 from services.planner import vocabulary as v
 
 
@@ -160,10 +161,14 @@ def test_wordnet_concepts_are_embedded_as_their_name_or_the_papers_definition_te
     assert by_name.digest != by_definition.digest  # two caches, never one read as the other
     with pytest.raises(ValueError, match="concept_text"):
         v.wordnet_vocabulary(tmp_path, concept_text="gloss")
+    # What the cache builders (`vocabulary build`, the main job) read: the planner's own setting.
+    def configured() -> str:
+        return load(v.VocabularySettings).planner_concept_text
+
     monkeypatch.setenv("IEX_PLANNER_CONCEPT_TEXT", "gloss")
     with pytest.raises(ValueError, match="IEX_PLANNER_CONCEPT_TEXT"):
-        v.configured_concept_text()
+        configured()
     monkeypatch.setenv("IEX_PLANNER_CONCEPT_TEXT", "definition")
-    assert v.configured_concept_text() == v.DEFINITION == v.PAPER_CONCEPT_TEXT
+    assert configured() == v.DEFINITION == v.PAPER_CONCEPT_TEXT
     monkeypatch.delenv("IEX_PLANNER_CONCEPT_TEXT")
-    assert v.configured_concept_text() == v.PROJECT_CONCEPT_TEXT == v.NAME
+    assert configured() == v.PROJECT_CONCEPT_TEXT == v.NAME
